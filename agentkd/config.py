@@ -1,0 +1,359 @@
+"""Typed run configuration: TOML file + `--set a.b=c` overrides -> RunConfig.
+
+This module is the only home of defaults. Every section is a pydantic model with extra="forbid", so a
+misspelt key is an error that names the key and the file, not a silently ignored setting. Secrets are
+never part of the config: a config names the environment variable that holds the key (api_key_env),
+and `resolve_api_key` reads it at the moment a teacher is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """Bad configuration or input; the CLI maps it to exit code 2. The message names the key and file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ProviderName = Literal["openai", "anthropic", "openai_compatible", "sim"]
+RoleName = Literal["answerer", "explainer", "referee", "generator"]
+ObjectiveName = Literal["sft", "rationale", "posterior_kd", "proxy_kd"]
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Run name; output goes to <dir>/<name>/.")
+    dir: str = Field("runs", description="Parent directory of run folders.")
+    seed: int = Field(0, description="Seed for sampling, training and the simulated teacher.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return value
+
+
+class SimSection(Section):
+    """The simulated teacher (a stand-in, never a real teacher). Used when teacher.provider = "sim"."""
+
+    host: str = Field("127.0.0.1", description="Loopback address only.")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    rpm: int | None = Field(None, gt=0, description="Requests/min limit the sim enforces (None: none).")
+    tpm: int | None = Field(None, gt=0, description="Tokens/min limit (prompt + max_tokens), None: none.")
+    latency_ms: float = Field(0.0, ge=0, description="Mean response latency.")
+    latency_jitter: float = Field(0.0, ge=0, le=1, description="Relative spread of the latency.")
+    error_rate: float = Field(0.1, ge=0, le=1, description="Share of answers with a wrong final number.")
+    fault_500: float = Field(0.0, ge=0, le=1)
+    fault_503: float = Field(0.0, ge=0, le=1)
+    fault_529: float = Field(0.0, ge=0, le=1)
+    fault_slow_read: float = Field(0.0, ge=0, le=1, description="Share of replies delayed slow_read_s.")
+    slow_read_s: float = Field(30.0, ge=0)
+    fault_drop: float = Field(0.0, ge=0, le=1, description="Share of connections dropped mid-body.")
+    fault_truncated: float = Field(0.0, ge=0, le=1, description="Share of 200s with truncated JSON.")
+    require_api_key: str | None = Field(
+        None, description="If set, the sim answers 401 unless this key is sent (for auth tests)."
+    )
+    seed: int | None = Field(None, description="Sim RNG seed; None uses run.seed.")
+
+
+class TeacherSection(Section):
+    provider: ProviderName = "sim"
+    model: str = "sim-teacher-1"
+    base_url: str | None = Field(None, description="Endpoint for openai_compatible (vLLM, Ollama...).")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (never the key)."
+    )
+    top_logprobs: int = Field(0, ge=0, le=20, description="Ask for top-k logprobs (0: off).")
+    structured_output: bool = Field(True, description="Use JSON schema output where the provider has it.")
+
+
+class RoleOverride(Section):
+    provider: ProviderName | None = None
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, gt=0)
+    prompt: str | None = Field(None, description="Path of a prompt template replacing the built-in.")
+
+
+# Per-role defaults from the papers (Lion: teacher 0.7, referee 0.2, generator 1.0).
+ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "answerer": {"temperature": 0.7, "max_tokens": 512},
+    "explainer": {"temperature": 0.0, "max_tokens": 256},
+    "referee": {"temperature": 0.2, "max_tokens": 512},
+    "generator": {"temperature": 1.0, "max_tokens": 256},
+}
+
+
+class LimitsSection(Section):
+    rpm: int | None = Field(None, gt=0, description="Requests/min ceiling (None: learn from headers).")
+    tpm: int | None = Field(None, gt=0, description="Total tokens/min ceiling.")
+    input_tpm: int | None = Field(None, gt=0)
+    output_tpm: int | None = Field(None, gt=0)
+    max_concurrency: int = Field(32, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="Per-attempt timeout.")
+    max_attempts: int = Field(6, ge=1, description="Attempts per request, first one included.")
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    max_wait_s: float = Field(
+        120.0, gt=0, description="A Retry-After longer than this defers the item instead of waiting."
+    )
+
+
+class BudgetSection(Section):
+    usd: float | None = Field(None, ge=0, description="Hard cap in USD (None: no USD cap).")
+    tokens: int | None = Field(None, ge=0, description="Hard cap in input+output tokens.")
+
+
+class PriceSection(Section):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    batch_discount: float = Field(0.0, ge=0, lt=1)
+
+
+class TaskSection(Section):
+    """What the explainer labels. Built-ins: arithmetic (the sim's world), nli, multiple_choice."""
+
+    kind: Literal["arithmetic", "nli", "multiple_choice", "custom"] = "arithmetic"
+    labels: list[str] = Field(default_factory=list, description="Label set (custom/nli).")
+    synonyms: dict[str, str] = Field(default_factory=dict, description="Extra synonym -> label map.")
+    input_fields: list[str] = Field(default_factory=lambda: ["instruction"])
+
+
+class StudentSection(Section):
+    spec: str = Field("students/tiny.toml", description="Path of a students/*.toml spec.")
+
+
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainSection(Section):
+    objective: ObjectiveName = "sft"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    epochs: float = Field(3.0, gt=0)
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per training call.")
+    batch_size: int = Field(32, gt=0)
+    max_len: int = Field(128, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(48, gt=0, description="Decoding cap for student answers.")
+    student_temperature: float = Field(0.7, ge=0, description="Lion: the student answers at 0.7.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    # rationale (2403.15886): L = a * CE(label) + (1 - a) * CE(rationale)
+    rationale_alpha: float = Field(0.5, ge=0, le=1)
+    # posterior_kd (agentkd formulation of 2401.07013 v1)
+    kd_lambda: float = Field(1.0, ge=0)
+    ngram_n: int = Field(3, ge=1)
+    prior_eps: float = Field(0.1, ge=0, le=1)
+    ngram_add_k: float = Field(0.1, gt=0)
+    dirichlet_alpha: float = Field(1.0, ge=0)
+    dirichlet_beta: float = Field(1.0, ge=0)
+    logprob_gamma: float = Field(1.0, ge=0)
+    top_k: int = Field(16, gt=0, description="Sparse target width per position.")
+    # proxy_kd (2401.07013 v2)
+    proxy_spec: str | None = Field(None, description="students/*.toml of the proxy (same tokenizer).")
+    proxy_split: list[float] = Field(default_factory=lambda: [0.10, 0.45, 0.45])
+    align_rounds: int = Field(2, ge=0)
+    dpo_beta: float = Field(0.1, gt=0)
+    proxy_top_k: int = Field(10, gt=0)
+
+
+class LoopSection(Section):
+    iterations: int = Field(3, ge=1)
+    seeds: str | None = Field(None, description="JSONL of seed instructions (field 'instruction').")
+    seed_count: int = Field(200, gt=0, description="Seeds drawn from the sim's world if seeds is None.")
+    heldout: str | None = Field(None, description="JSONL held-out set; None: drawn from the sim world.")
+    heldout_count: int = Field(200, gt=0)
+    tau: float = Field(1.0, ge=0, description="Hard iff teacher_score - student_score >= tau.")
+    new_per_iteration: int = Field(200, gt=0)
+    hard_fraction: float = Field(0.5, ge=0, le=1)
+    judge_sample: int | Literal["all"] = Field(200, description="Cache Pool items judged per iteration.")
+    rouge_max: float = Field(0.7, gt=0, le=1)
+    rationale_rate: float = Field(1.0, ge=0, le=1, description="XR: share of rows asked for rationales.")
+    targeted_generation: bool = Field(
+        False, description="Show the hard generator the student's failure (beyond the paper)."
+    )
+
+
+class RunConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    roles: dict[RoleName, RoleOverride] = Field(default_factory=dict)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    budget: BudgetSection = Field(default_factory=BudgetSection)
+    prices: dict[str, PriceSection] = Field(default_factory=dict)
+    task: TaskSection = Field(default_factory=TaskSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    loop: LoopSection = Field(default_factory=LoopSection)
+    sim: SimSection = Field(default_factory=SimSection)
+
+    # Where the config came from: relative paths (seeds, student spec) resolve against it.
+    source: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _prices_known(self) -> RunConfig:
+        if self.budget.usd is None:
+            return self
+        for model in self.models_in_use():
+            if model not in self.prices and not _is_sim_model(self, model):
+                raise ValueError(
+                    f"prices.{model}: no price for model {model!r} and budget.usd is set; add "
+                    f"[prices.\"{model}\"] input_per_mtok/output_per_mtok, or use a tokens-only budget"
+                )
+        return self
+
+    def models_in_use(self) -> list[str]:
+        models = [self.teacher.model]
+        models += [r.model for r in self.roles.values() if r.model]
+        return sorted(set(models))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve_path(self.run.dir) / self.run.name
+
+    def resolve_path(self, value: str) -> Path:
+        """Relative paths in a config are taken from the current directory, like any CLI argument."""
+        return Path(value).expanduser()
+
+    def role(self, role: str) -> ResolvedRole:
+        override = self.roles.get(role, RoleOverride())  # type: ignore[call-overload]
+        defaults = ROLE_DEFAULTS[role]
+        return ResolvedRole(
+            role=role,
+            provider=override.provider or self.teacher.provider,
+            model=override.model or self.teacher.model,
+            temperature=override.temperature if override.temperature is not None else defaults["temperature"],
+            max_tokens=override.max_tokens or defaults["max_tokens"],
+            prompt=override.prompt,
+        )
+
+    def price(self, model: str) -> PriceSection:
+        if model in self.prices:
+            return self.prices[model]
+        if _is_sim_model(self, model):
+            return SIM_PRICE
+        raise ConfigError(f"prices.{model}: no price configured for model {model!r}")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as stored in runs/<name>/config.json: no secrets are in it by construction."""
+        return self.model_dump(mode="json")
+
+
+class ResolvedRole(Section):
+    role: str
+    provider: ProviderName
+    model: str
+    temperature: float
+    max_tokens: int
+    prompt: str | None
+
+
+# The sim "charges" like a small paid model so cost figures in the quickstart are meaningful.
+SIM_PRICE = PriceSection(input_per_mtok=0.15, output_per_mtok=0.60, cached_input_per_mtok=0.075)
+
+
+def _is_sim_model(config: RunConfig, model: str) -> bool:
+    return config.teacher.provider == "sim" or model.startswith("sim-")
+
+
+def resolve_api_key(env_var: str | None, *, provider: str) -> str | None:
+    """Read, strip and validate the API key named by env_var. The key itself never enters a message."""
+    if provider == "sim" and env_var is None:
+        return None
+    if env_var is None:
+        if provider == "openai_compatible":
+            return None  # local servers (vLLM, Ollama) often need none
+        raise ConfigError(f"teacher.api_key_env: provider {provider!r} needs the name of an env var")
+    raw = os.environ.get(env_var)
+    if raw is None:
+        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} is not set")
+    key = raw.strip()
+    if not key:
+        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} is empty")
+    if any(ch.isspace() for ch in key) or not key.isprintable():
+        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} holds whitespace inside the key")
+    return key
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value); the value is read as TOML if it parses, else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set budget.usd=5")
+    key, _, raw = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML run config; every failure is a ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate({**data, "source": source})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.public_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
