@@ -1,0 +1,36 @@
+# Two commands do all set-up from a fresh clone: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.agentkd-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-fast bench clean
+
+# torch first, from the CPU wheel on disk: letting pip resolve it through peft pulls a CUDA build of
+# several GB (ENVIRONMENT.md).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/agentkd run examples/quickstart.toml
+
+# pytest exits 5 when it collected no test: that must fail, not pass silently.
+test: setup
+	@$(VENV)/bin/pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/store_write.py
+
+clean:
+	rm -rf runs/quickstart .pytest_cache

@@ -1,0 +1,290 @@
+"""The run's DuckDB file: schema, the single writer, and the queries the loop and trainer use.
+
+One file per run (runs/<name>/agentkd.duckdb). All tables are append-only and all DDL runs when the
+store opens, never while calls are in flight. Writes go through one asyncio writer task that drains a
+queue into batched appender flushes; a row counts as stored (its future resolves) only after the flush
+that contains it has committed, so an acknowledged row survives kill -9 (DuckDB replays its WAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+# table -> ordered (column, type). Adding a column is a schema change: append it at the end.
+SCHEMA: dict[str, list[tuple[str, str]]] = {
+    "calls": [
+        ("key", "VARCHAR"), ("role", "VARCHAR"), ("provider", "VARCHAR"), ("model", "VARCHAR"),
+        ("prompt_version", "VARCHAR"), ("request_json", "VARCHAR"), ("response_text", "VARCHAR"),
+        ("finish_reason", "VARCHAR"), ("truncated", "BOOLEAN"), ("input_tokens", "BIGINT"),
+        ("output_tokens", "BIGINT"), ("cached_tokens", "BIGINT"), ("cost_usd", "DOUBLE"),
+        ("latency_s", "DOUBLE"), ("attempts", "INTEGER"), ("status", "VARCHAR"),
+        ("error_class", "VARCHAR"), ("error_detail", "VARCHAR"), ("request_id", "VARCHAR"),
+        ("batch_id", "VARCHAR"), ("estimator", "VARCHAR"), ("logprobs_json", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    # One row per HTTP attempt, so retries and the waits between them are visible.
+    "attempts": [
+        ("key", "VARCHAR"), ("attempt", "INTEGER"), ("status_code", "INTEGER"),
+        ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"), ("wait_s", "DOUBLE"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    # The budget ledger: a reserve row before every attempt, a settle row after it.
+    "reservations": [
+        ("reservation_id", "VARCHAR"), ("key", "VARCHAR"), ("event", "VARCHAR"), ("usd", "DOUBLE"),
+        ("tokens", "BIGINT"), ("created_at", "TIMESTAMP"),
+    ],
+    "instructions": [
+        ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),
+        ("iteration", "INTEGER"), ("pool", "VARCHAR"), ("rouge_nearest", "DOUBLE"),
+        ("rejected_reason", "VARCHAR"), ("answer", "VARCHAR"), ("created_at", "TIMESTAMP"),
+    ],
+    "responses": [
+        ("instruction_id", "VARCHAR"), ("actor", "VARCHAR"), ("iteration", "INTEGER"),
+        ("checkpoint", "VARCHAR"), ("text", "VARCHAR"), ("call_key", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "judgments": [
+        ("instruction_id", "VARCHAR"), ("iteration", "INTEGER"), ("order", "VARCHAR"),
+        ("teacher_score", "DOUBLE"), ("student_score", "DOUBLE"), ("parsed_ok", "BOOLEAN"),
+        ("reason", "VARCHAR"), ("call_key", "VARCHAR"), ("created_at", "TIMESTAMP"),
+    ],
+    "verdicts": [
+        ("instruction_id", "VARCHAR"), ("iteration", "INTEGER"), ("teacher_score", "DOUBLE"),
+        ("student_score", "DOUBLE"), ("label", "VARCHAR"), ("order_disagreement", "BOOLEAN"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "rationales": [
+        ("example_id", "VARCHAR"), ("label", "VARCHAR"), ("rationale", "VARCHAR"),
+        ("parsed_ok", "BOOLEAN"), ("reason", "VARCHAR"), ("call_key", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "train_runs": [
+        ("iteration", "INTEGER"), ("objective", "VARCHAR"), ("checkpoint", "VARCHAR"),
+        ("steps", "INTEGER"), ("examples", "INTEGER"), ("final_loss", "DOUBLE"),
+        ("seconds", "DOUBLE"), ("created_at", "TIMESTAMP"),
+    ],
+    "metrics": [
+        ("iteration", "INTEGER"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("step", "INTEGER"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    # Loop progress markers: a stage row is written when the stage has finished, so a resumed run
+    # skips exactly the stages that completed.
+    "loop_state": [("iteration", "INTEGER"), ("stage", "VARCHAR"), ("created_at", "TIMESTAMP")],
+}
+
+COLUMNS: dict[str, tuple[str, ...]] = {t: tuple(c for c, _ in cols) for t, cols in SCHEMA.items()}
+_FLUSH_BATCH = 2_000
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; paid calls must stop."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the run's database open for writing."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _to_tuple(table: str, row: Mapping[str, Any]) -> tuple:
+    columns = COLUMNS[table]
+    unknown = set(row) - set(columns)
+    if unknown:
+        raise KeyError(f"{table}: unknown column(s) {sorted(unknown)}")
+    if row.get("created_at") is None:
+        row = {**row, "created_at": _now()}
+    return tuple(row.get(c) for c in columns)
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as err:
+        text = str(err)
+        if "lock" in text.lower():
+            pid = re.search(r"PID (\d+)", text)
+            holder = f"process {pid.group(1)}" if pid else "another process"
+            raise StoreLockedError(
+                f"{path}: the run database is open for writing in {holder}; stop it or wait for it "
+                f"to finish (read-only access: agentkd report/export, or duckdb -readonly)"
+            ) from None
+        raise StoreError(f"{path}: cannot open the run database: {text}") from None
+
+
+class Store:
+    """The run database. Writes: `await write(...)` (async writer) or `append_now(...)` (sync)."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self._con = _open(self.path, read_only)
+        if not read_only:
+            self._create_schema()
+        self._write_lock = threading.Lock()
+        self._queue: asyncio.Queue | None = None
+        self._writer: asyncio.Task | None = None
+        self.failure: StoreError | None = None
+
+    def _create_schema(self) -> None:
+        for table, cols in SCHEMA.items():
+            body = ", ".join(f'"{c}" {t}' for c, t in cols)
+            self._con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({body})')
+
+    # ---- writing -----------------------------------------------------------------------------
+    def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Append and commit rows from the calling thread; returns how many were stored."""
+        tuples = [_to_tuple(table, r) for r in rows]
+        self._flush({table: tuples})
+        return len(tuples)
+
+    def _flush(self, batch: Mapping[str, Sequence[tuple]]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        with self._write_lock:
+            try:
+                for table, rows in batch.items():
+                    if not rows:
+                        continue
+                    appender = self._con.appender(table)
+                    appender.append_rows(rows)
+                    appender.flush()
+            except (duckdb.Error, OSError) as err:
+                self.failure = StoreError(f"{self.path}: write failed: {err}")
+                raise self.failure from err
+
+    async def start(self) -> None:
+        """Start the single writer task on the running event loop."""
+        if self._writer is None:
+            self._queue = asyncio.Queue()
+            self._writer = asyncio.create_task(self._write_loop(), name="agentkd-store-writer")
+
+    def submit(self, table: str, rows: Iterable[Mapping[str, Any]]) -> asyncio.Future:
+        """Queue rows of one table; the future resolves once all of them are committed."""
+        if self.failure is not None:
+            raise self.failure
+        if self._queue is None:
+            raise RuntimeError("Store.start() must run before async writes")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((table, [_to_tuple(table, r) for r in rows], future))
+        return future
+
+    async def write(self, table: str, row: Mapping[str, Any]) -> None:
+        await self.submit(table, [row])
+
+    async def write_many(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        await self.submit(table, rows)
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            queued_rows = len(first[1])
+            stop = False
+            while queued_rows < _FLUSH_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                items.append(item)
+                queued_rows += len(item[1])
+            batch: dict[str, list[tuple]] = defaultdict(list)
+            for table, rows, _ in items:
+                batch[table].extend(rows)
+            try:
+                await asyncio.to_thread(self._flush, batch)
+            except StoreError as err:
+                for _, _, future in items:
+                    if not future.done():
+                        future.set_exception(err)
+            else:
+                for _, _, future in items:
+                    if not future.done():
+                        future.set_result(None)
+            if stop:
+                return
+
+    async def close(self) -> None:
+        """Drain the queue, stop the writer, checkpoint and close the file."""
+        if self._writer is not None and self._queue is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+            self._writer = None
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        with self._write_lock:
+            if not self.read_only and self.failure is None:
+                try:
+                    self._con.execute("CHECKPOINT")
+                except duckdb.Error:
+                    pass  # the WAL still holds every committed row
+            self._con.close()
+
+    # ---- reading -----------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Run a read query on its own cursor (fully fetched, so it never blocks a flush)."""
+        cursor = self._con.cursor()
+        try:
+            return cursor.execute(sql, list(params)).fetchall()
+        finally:
+            cursor.close()
+
+    def query_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self._con.cursor()
+        try:
+            result = cursor.execute(sql, list(params))
+            names = [d[0] for d in result.description]
+            return [dict(zip(names, row)) for row in result.fetchall()]
+        finally:
+            cursor.close()
+
+    def count(self, table: str) -> int:
+        return self.query(f'SELECT count(*) FROM "{table}"')[0][0]
+
+    def call_by_key(self, key: str) -> dict[str, Any] | None:
+        """The stored successful answer for a request key, if any (what the cache serves)."""
+        rows = self.query_dicts(
+            "SELECT * FROM calls WHERE key = ? AND status = 'ok' ORDER BY created_at LIMIT 1", [key]
+        )
+        return rows[0] if rows else None
+
+    def ok_call_keys(self) -> set[str]:
+        return {row[0] for row in self.query("SELECT DISTINCT key FROM calls WHERE status = 'ok'")}
+
+    def calls_by_role(self, role: str, *, status: str | None = "ok") -> list[dict[str, Any]]:
+        sql = "SELECT * FROM calls WHERE role = ?"
+        params: list[Any] = [role]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        return self.query_dicts(sql + " ORDER BY created_at", params)
+
+    def rows_for_iteration(self, table: str, iteration: int) -> list[dict[str, Any]]:
+        return self.query_dicts(f'SELECT * FROM "{table}" WHERE iteration = ? ORDER BY created_at', [iteration])
+
+    def spend(self) -> dict[str, float]:
+        """USD and tokens of settled calls, by role."""
+        rows = self.query(
+            "SELECT role, sum(cost_usd), sum(input_tokens + output_tokens), count(*) FROM calls "
+            "GROUP BY role ORDER BY role"
+        )
+        return {r[0]: {"usd": r[1] or 0.0, "tokens": int(r[2] or 0), "calls": r[3]} for r in rows}
+
+    def stages_done(self) -> set[tuple[int, str]]:
+        return {(r[0], r[1]) for r in self.query("SELECT iteration, stage FROM loop_state")}

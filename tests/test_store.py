@@ -1,0 +1,129 @@
+"""The run database: schema, async single writer, durability under kill -9, lock errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from agentkd.store import COLUMNS, SCHEMA, Store, StoreError, StoreLockedError
+
+
+def test_schema_has_the_tables_the_design_requires(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    tables = {r[0] for r in store.query("SELECT table_name FROM information_schema.tables")}
+    store.close_sync()
+    assert {"calls", "instructions", "responses", "judgments", "rationales", "reservations",
+            "train_runs", "metrics"} <= tables == set(SCHEMA)
+
+
+async def test_async_writes_are_readable_after_ack(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    await store.write_many("metrics", [{"iteration": 0, "name": "loss", "value": float(i), "step": i}
+                                       for i in range(500)])
+    assert store.count("metrics") == 500
+    await store.close()
+    # Reopen: the rows were committed to the file.
+    again = Store(tmp_path / "run.duckdb", read_only=True)
+    assert again.query("SELECT sum(step) FROM metrics")[0][0] == sum(range(500))
+    again.close_sync()
+
+
+async def test_unknown_column_is_rejected_before_queueing(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    with pytest.raises(KeyError, match="calls: unknown column"):
+        store.submit("calls", [{"key": "k", "api_key": "nope"}])
+    await store.close()
+
+
+def test_call_by_key_returns_only_successful_calls(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("calls", [
+        {"key": "a", "status": "error", "response_text": None},
+        {"key": "a", "status": "ok", "response_text": "42"},
+        {"key": "b", "status": "error"},
+    ])
+    assert store.call_by_key("a")["response_text"] == "42"
+    assert store.call_by_key("b") is None
+    assert store.ok_call_keys() == {"a"}
+    store.close_sync()
+
+
+def test_second_writer_process_gets_a_clear_error_naming_the_pid(tmp_path):
+    path = tmp_path / "run.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from agentkd.store import Store
+            s = Store({str(path)!r})
+            print("ready", flush=True)
+            time.sleep(30)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match=rf"process {holder.pid}"):
+            Store(path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_write_failure_marks_the_store_failed(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    store._con.execute("DROP TABLE metrics")  # simulate a broken file under the writer
+    with pytest.raises(StoreError, match="write failed"):
+        store.append_now("metrics", [{"name": "x", "value": 1.0}])
+    # Every later write refuses at once: callers stop sending paid calls.
+    with pytest.raises(StoreError):
+        store.append_now("calls", [{"key": "k"}])
+    store._con.close()
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from agentkd.store import Store
+
+    async def main(path):
+        store = Store(path)
+        await store.start()
+        i = 0
+        while True:
+            await store.write_many("calls", [{"key": f"k{i}-{j}", "status": "ok"} for j in range(50)])
+            # Only after the await returned is the batch acknowledged.
+            print(f"acked {i}", flush=True)
+            i += 1
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+@pytest.mark.slow
+def test_acknowledged_rows_survive_kill_9(tmp_path):
+    path = tmp_path / "run.duckdb"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    acked = -1
+    deadline = time.monotonic() + 60
+    while acked < 40 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("acked"):
+            acked = int(line.split()[1])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert acked >= 40
+    store = Store(path, read_only=True)
+    keys = {r[0] for r in store.query("SELECT key FROM calls")}
+    store.close_sync()
+    missing = [f"k{i}-{j}" for i in range(acked + 1) for j in range(50) if f"k{i}-{j}" not in keys]
+    assert missing == []
