@@ -172,6 +172,10 @@ class TrainSection(Section):
     align_rounds: int = Field(2, ge=0)
     dpo_beta: float = Field(0.1, gt=0)
     proxy_top_k: int = Field(10, gt=0)
+    proxy_epochs: float = Field(1.0, gt=0, description="Epochs of each proxy stage (warm-up, each round).")
+    proxy_max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per proxy stage.")
+    proxy_temperature: float = Field(0.7, ge=0, description="Proxy sampling temperature for DPO negatives.")
+    log_every: int = Field(10, gt=0, description="Steps between log_metric calls.")
 
 
 class LoopSection(Section):

@@ -1,0 +1,100 @@
+"""The trainer's data contract: TrainingExample, the student prompt format, tokenisation and batching.
+
+Prompt format (one place, used by training, generation and evaluation):
+    answer task     "{instruction}\nAnswer: "           -> response (the teacher's answer)
+    rationale task  "predict: {instruction}\nAnswer: "  -> label      (distilling step-by-step)
+                    "explain: {instruction}\nAnswer: "  -> rationale
+A sequence is [bos] + prompt tokens + target tokens + [eos] (bos only if the tokenizer has one).
+Prompt and target are tokenised separately, so target token boundaries never depend on the prompt
+and a generated answer starts exactly where training targets start. Loss is on target + eos only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from agentkd.objectives import IGNORE, SparseTargets
+
+Task = Literal["answer", "predict", "explain"]
+TASK_PREFIX: dict[str, str] = {"answer": "", "predict": "predict: ", "explain": "explain: "}
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    instruction: str
+    response: str  # the teacher's answer (target)
+    label: str | None = None  # rationale task
+    rationale: str | None = None
+    # per output token: the provider's top-k (token string, logprob)
+    teacher_top_logprobs: list[list[tuple[str, float]]] | None = None
+
+
+def format_prompt(instruction: str, task: Task = "answer") -> str:
+    """The student's prompt for an instruction; task "predict"/"explain" add the multi-task prefixes."""
+    return f"{TASK_PREFIX[task]}{instruction}\nAnswer: "
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """One tokenised (prompt, target) pair; `start` is the index of the first target token."""
+
+    input_ids: list[int]
+    labels: list[int]
+    start: int
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def encode_pair(tokenizer, prompt: str, target: str, max_len: int) -> EncodedRow:
+    """[bos] prompt target [eos], cut to max_len from the end; labels are -100 on the prompt."""
+    head = prompt_ids(tokenizer, prompt)
+    body = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (head + body)[:max_len]
+    labels = ([IGNORE] * len(head) + body)[:max_len]
+    return EncodedRow(input_ids=ids, labels=labels, start=min(len(head), len(ids)))
+
+
+def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels, all (B, T)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+        mask[i, : len(r.input_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_targets(rows: Sequence[EncodedRow], targets: Sequence[SparseTargets], width: int) -> dict[str, torch.Tensor]:
+    """Place each row's sparse targets at its label positions: ids, probs (B, T, k) and tail (B, T)."""
+    k = targets[0].ids.size(-1)
+    ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+    probs = torch.zeros((len(rows), width, k))
+    tail = torch.zeros((len(rows), width))
+    for i, (row, tgt) in enumerate(zip(rows, targets, strict=True)):
+        n = len(row.input_ids) - row.start  # target positions that survived truncation
+        ids[i, row.start : row.start + n] = tgt.ids[:n].long()
+        probs[i, row.start : row.start + n] = tgt.probs[:n]
+        tail[i, row.start : row.start + n] = tgt.tail[:n]
+    return {"target_ids": ids, "target_probs": probs, "target_tail": tail}
+
+
+def left_padded(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for generate(): input_ids, attention_mask (B, T); long prompts keep their end."""
+    encoded = [prompt_ids(tokenizer, p)[-max_len:] for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        mask[i, width - len(e) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
