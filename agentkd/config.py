@@ -75,11 +75,16 @@ class TeacherSection(Section):
     )
     top_logprobs: int = Field(0, ge=0, le=20, description="Ask for top-k logprobs (0: off).")
     structured_output: bool = Field(True, description="Use JSON schema output where the provider has it.")
+    transport: Literal["aiohttp", "sdk"] = Field(
+        "aiohttp", description="aiohttp (fast, default) or the official SDK clients."
+    )
 
 
 class RoleOverride(Section):
     provider: ProviderName | None = None
     model: str | None = None
+    base_url: str | None = Field(None, description="Endpoint, when the role uses another provider.")
+    api_key_env: str | None = Field(None, description="Key variable, when the role uses another provider.")
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0)
     prompt: str | None = Field(None, description="Path of a prompt template replacing the built-in.")
@@ -128,6 +133,9 @@ class TaskSection(Section):
     labels: list[str] = Field(default_factory=list, description="Label set (custom/nli).")
     synonyms: dict[str, str] = Field(default_factory=dict, description="Extra synonym -> label map.")
     input_fields: list[str] = Field(default_factory=lambda: ["instruction"])
+    min_rationale_words: int = Field(
+        5, ge=1, description="Explainer rationales shorter than this count as missing (2403.15886: 5)."
+    )
 
 
 class StudentSection(Section):

@@ -1,0 +1,276 @@
+"""The one path every teacher call takes (DESIGN.md, "The gateway").
+
+    request -> cache (stored answer? a concurrent identical call in flight? share it)
+            -> per attempt: budget.reserve (durable in the store before sending)
+                            -> limiter.acquire -> teacher.complete -> settle (finally, always)
+            -> retry policy (tenacity; waits from the provider's headers or full jitter)
+            -> the call row is committed before the result is returned
+
+A stored successful answer is never requested again, by this process or a resumed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentkd.budget import Budget, Reservation, Usage
+from agentkd.config import LimitsSection
+from agentkd.limiter import Limiter
+from agentkd.retry import Deferred, retrying
+from agentkd.store import Store, StoreError
+from agentkd.teachers.base import RateLimited, Teacher, TeacherError, TeacherReply, TeacherRequest
+from agentkd.tokens import estimate_prompt
+
+
+@dataclass
+class Completion:
+    key: str
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    attempts: int
+    from_cache: bool = False
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class CallFailed(Exception):
+    """The item could not be answered (S in RELIABILITY.md); the failure is stored with its class."""
+
+    def __init__(self, key: str, error: TeacherError, attempts: int) -> None:
+        super().__init__(f"{error.error_class} after {attempts} attempt(s): {error}")
+        self.key = key
+        self.error = error
+        self.attempts = attempts
+
+
+@dataclass
+class GatewayStats:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    cache_hits: int = 0
+    shared_in_flight: int = 0
+    rate_limited: int = 0
+    deferred: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        teachers: dict[str, Teacher],
+        store: Store,
+        budget: Budget,
+        limits: LimitsSection,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        seed: int = 0,
+    ) -> None:
+        self.teachers = teachers  # provider name -> adapter
+        self.store = store
+        self.budget = budget
+        self.limits = limits
+        self.limiter = Limiter(limits, clock=clock, sleep=sleep)
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._stored_keys: set[str] = set()
+        self._in_flight: dict[str, asyncio.Future] = {}
+        self._session = uuid.uuid4().hex[:8]
+        self.stats = GatewayStats()
+
+    async def start(self) -> None:
+        """Load what earlier processes stored: answered keys and everything they spent or reserved."""
+        await self.store.start()
+        self._stored_keys = self.store.ok_call_keys()
+        usd, tokens = spent_in_store(self.store)
+        self.budget.restore(usd=usd, tokens=tokens, run_id=f"{self._session}-")
+
+    async def aclose(self) -> None:
+        for teacher in self.teachers.values():
+            await teacher.aclose()
+
+    # ---- the public call ------------------------------------------------------------------------
+    async def complete(self, request: TeacherRequest) -> Completion:
+        """Answer one request: from the store, from an identical call in flight, or from the teacher."""
+        key = request.key
+        if key in self._stored_keys:
+            stored = self.store.call_by_key(key)
+            if stored is not None:
+                self.stats.cache_hits += 1
+                return _completion_from_row(stored)
+        shared = self._in_flight.get(key)
+        if shared is not None:
+            self.stats.shared_in_flight += 1
+            return await asyncio.shield(shared)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume_exception)
+        self._in_flight[key] = future
+        try:
+            result = await self._call_teacher(request, key)
+        except BaseException as err:
+            future.set_exception(err if isinstance(err, Exception) else asyncio.CancelledError())
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._in_flight[key]
+
+    async def _call_teacher(self, request: TeacherRequest, key: str) -> Completion:
+        teacher = self.teachers[request.provider]
+        estimate = estimate_prompt(request.messages, request.provider)
+        attempts = 0
+        started = self._clock()
+        last_error: TeacherError | None = None
+        try:
+            async for attempt in retrying(self.limits, sleep=self._sleep, rng=self._rng,
+                                          on_wait=self._on_wait):
+                with attempt:
+                    attempts += 1
+                    reply, cost = await self._attempt(teacher, request, key, estimate.tokens, attempts)
+        except Deferred:
+            self.stats.deferred += 1
+            raise
+        except TeacherError as err:
+            last_error = err
+        latency = self._clock() - started
+        if last_error is not None:
+            self.stats.failed += 1
+            await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts, latency,
+                                                           error=last_error))
+            if last_error.fatal:
+                raise last_error
+            raise CallFailed(key, last_error, attempts)
+        completion = Completion(key=key, text=reply.text, finish_reason=reply.finish_reason,
+                                input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
+                                cost_usd=cost, attempts=attempts, logprobs=reply.logprobs)
+        await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts, latency,
+                                                       reply=reply, cost=cost))
+        self._stored_keys.add(key)
+        self.stats.ok += 1
+        return completion
+
+    async def _attempt(self, teacher: Teacher, request: TeacherRequest, key: str, estimate: int,
+                       attempt: int) -> tuple[TeacherReply, float]:
+        """One HTTP attempt, bracketed by a durable reservation and its settlement."""
+        if self.store.failure is not None:
+            raise StoreError(f"not sending paid calls: {self.store.failure}")
+        reservation = self.budget.reserve(key, request.model, estimate, request.max_tokens)
+        sent = False
+        usage: Usage | None = None
+        outcome = "release"
+        t0 = self._clock()
+        status: int | None = None
+        error_class: str | None = None
+        try:
+            await self.store.write("reservations", _ledger_row(reservation, "reserve", reservation.usd,
+                                                               reservation.tokens))
+            await self.limiter.acquire(estimate, request.max_tokens)
+            try:
+                sent = True
+                self.stats.sent += 1
+                reply = await teacher.complete(request, timeout_s=self.limits.timeout_s)
+            finally:
+                self.limiter.release()
+            status = 200
+            usage = Usage(reply.input_tokens, reply.output_tokens, reply.cached_tokens)
+            outcome = "settle"
+            self.limiter.observe(reply.headers, estimated_input=estimate, actual_input=reply.input_tokens)
+            return reply, self.budget.cost(request.model, usage)
+        except TeacherError as err:
+            status, error_class = err.status, err.error_class
+            self.limiter.observe(err.headers)
+            outcome = "settle" if err.maybe_billed else "release"
+            raise
+        except BaseException as err:
+            # Cancelled (Ctrl-C) or an unexpected fault after sending: the provider may have done the work.
+            error_class = type(err).__name__
+            outcome = "settle" if sent else "release"
+            raise
+        finally:
+            if outcome == "settle":
+                usd, tokens = self.budget.settle(reservation, usage)
+            else:
+                self.budget.release(reservation)
+                usd, tokens = 0.0, 0
+            # Queued, not awaited: the final call row is awaited after them, and the writer is FIFO.
+            self._record(_ledger_row(reservation, outcome, usd, tokens), "reservations")
+            self._record({"key": key, "attempt": attempt, "status_code": status, "error_class": error_class,
+                          "latency_s": self._clock() - t0}, "attempts")
+
+    def _record(self, row: dict[str, Any], table: str) -> None:
+        try:
+            self.store.submit(table, [row]).add_done_callback(_consume_exception)
+        except StoreError:
+            pass  # the store's failure is raised before the next paid call
+
+    def _on_wait(self, error: TeacherError, seconds: float) -> None:
+        if isinstance(error, RateLimited):
+            self.stats.rate_limited += 1
+            self.limiter.on_rate_limited(seconds)
+
+    def _call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
+                  reply: TeacherReply | None = None, cost: float = 0.0,
+                  error: TeacherError | None = None) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "key": key, "role": request.role, "provider": request.provider, "model": request.model,
+            "prompt_version": request.prompt_version,
+            "request_json": json.dumps(request.canonical(), ensure_ascii=False),
+            "attempts": attempts, "latency_s": latency, "estimator": estimator, "batch_id": self._session,
+        }
+        if reply is not None:
+            row.update(status="ok", response_text=reply.text, finish_reason=reply.finish_reason,
+                       truncated=reply.truncated, input_tokens=reply.input_tokens,
+                       output_tokens=reply.output_tokens, cached_tokens=reply.cached_tokens, cost_usd=cost,
+                       request_id=reply.request_id,
+                       logprobs_json=json.dumps(reply.logprobs) if reply.logprobs is not None else None)
+        if error is not None:
+            detail = str(error) if error.snippet is None else f"{error}; body: {error.snippet[:300]}"
+            row.update(status="error", error_class=error.error_class, error_detail=detail, cost_usd=0.0)
+        return row
+
+
+def _ledger_row(reservation: Reservation, event: str, usd: float, tokens: int) -> dict[str, Any]:
+    return {"reservation_id": reservation.id, "key": reservation.key, "event": event, "usd": usd,
+            "tokens": tokens}
+
+
+def _consume_exception(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _completion_from_row(row: dict[str, Any]) -> Completion:
+    logprobs = json.loads(row["logprobs_json"]) if row.get("logprobs_json") else None
+    return Completion(key=row["key"], text=row["response_text"], finish_reason=row["finish_reason"] or "stop",
+                      input_tokens=row["input_tokens"] or 0, output_tokens=row["output_tokens"] or 0,
+                      cost_usd=0.0, attempts=0, from_cache=True, logprobs=logprobs)
+
+
+def spent_in_store(store: Store) -> tuple[float, int]:
+    """Settled spend plus reservations never settled (a crash mid-call may still have been billed)."""
+    row = store.query(
+        """
+        WITH opened AS (SELECT reservation_id, usd, tokens FROM reservations WHERE event = 'reserve'),
+             closed AS (SELECT reservation_id, sum(usd) AS usd, sum(tokens) AS tokens FROM reservations
+                        WHERE event IN ('settle', 'release') GROUP BY reservation_id)
+        SELECT coalesce(sum(coalesce(c.usd, o.usd)), 0), coalesce(sum(coalesce(c.tokens, o.tokens)), 0)
+        FROM opened o LEFT JOIN closed c USING (reservation_id)
+        """
+    )[0]
+    return float(row[0]), int(row[1])

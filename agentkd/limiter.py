@@ -1,0 +1,163 @@
+"""Client-side rate limits: requests/min, tokens/min (total, input, output) and max concurrency.
+
+Seeded from [limits]; when a provider's headers announce its limits (x-ratelimit-limit-*,
+anthropic-ratelimit-*-limit) the limiter follows the lower of the two. Buckets refill continuously and
+hold about one second of the rate, like the providers' own, so pacing is smooth rather than bursty.
+After a 429 the whole gateway pauses for what the provider asked and slows a little, instead of each
+task guessing a fixed pause. Clock and sleep are injected: tests never wait on the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from agentkd.config import LimitsSection
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Pace a little under the announced ceiling: arrival jitter at the provider would otherwise turn the
+# last percent of throughput into 429s.
+SAFETY = 0.985
+SLOWDOWN = 0.9  # rate factor applied per 429 (at most once per second)
+RECOVERY = 0.002  # rate factor regained per success, up to 1
+MIN_FACTOR = 0.5
+
+
+class TokenBucket:
+    """Continuous refill at `rate`/s, capacity about one second of rate; may go into debt."""
+
+    def __init__(self, per_minute: float | None, now: float) -> None:
+        self.per_minute = per_minute
+        self.level = self.capacity
+        self.stamp = now
+
+    @property
+    def rate(self) -> float:
+        return (self.per_minute or 0.0) / 60.0
+
+    @property
+    def capacity(self) -> float:
+        return max(self.rate, 1.0)
+
+    def refill(self, now: float, factor: float) -> None:
+        if self.per_minute is not None:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate * factor)
+        self.stamp = now
+
+    def wait(self, amount: float, factor: float) -> float:
+        """Seconds until `amount` may be taken (an amount above capacity waits for a full bucket)."""
+        if self.per_minute is None:
+            return 0.0
+        need = min(amount, self.capacity) - self.level
+        return 0.0 if need <= 0 else need / (self.rate * factor)
+
+    def take(self, amount: float) -> None:
+        if self.per_minute is not None:
+            self.level -= amount
+
+
+class Limiter:
+    def __init__(self, limits: LimitsSection, *, clock: Clock = time.monotonic,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        now = clock()
+        self._configured = {
+            "requests": limits.rpm, "tokens": limits.tpm,
+            "input_tokens": limits.input_tpm, "output_tokens": limits.output_tpm,
+        }
+        self.buckets = {name: TokenBucket(_paced(value), now) for name, value in self._configured.items()}
+        self._slots = asyncio.Semaphore(limits.max_concurrency)
+        self._order = asyncio.Lock()  # FIFO: waiters are admitted in arrival order
+        self.paused_until = 0.0
+        self.factor = 1.0
+        self._last_slowdown = -1e9
+        self.rate_limited = 0
+        self.input_ratio = 1.0  # provider-counted / estimated input tokens, learned from usage
+
+    async def acquire(self, input_tokens: int, output_tokens: int) -> None:
+        """Wait for a concurrency slot and room in every bucket, then take it."""
+        await self._slots.acquire()
+        try:
+            async with self._order:
+                costs = self._costs(input_tokens, output_tokens)
+                while True:
+                    now = self._clock()
+                    for bucket in self.buckets.values():
+                        bucket.refill(now, self.factor)
+                    wait = max(self.paused_until - now,
+                               *(self.buckets[n].wait(c, self.factor) for n, c in costs.items()))
+                    if wait <= 0:
+                        for name, cost in costs.items():
+                            self.buckets[name].take(cost)
+                        return
+                    await self._sleep(wait)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def _costs(self, input_tokens: int, output_tokens: int) -> dict[str, float]:
+        scaled_input = input_tokens * self.input_ratio
+        return {"requests": 1.0, "tokens": scaled_input + output_tokens,
+                "input_tokens": scaled_input, "output_tokens": float(output_tokens)}
+
+    def observe(self, headers: Mapping[str, str], *, estimated_input: int | None = None,
+                actual_input: int | None = None) -> None:
+        """Follow the limits a provider announces; learn how our input estimate compares to its count."""
+        for name, header_names in LIMIT_HEADERS.items():
+            announced = _first_number(headers, header_names)
+            if announced is None or announced <= 0:
+                continue
+            configured = self._configured[name]
+            ceiling = announced if configured is None else min(configured, announced)
+            bucket = self.buckets[name]
+            if bucket.per_minute != _paced(ceiling):
+                bucket.per_minute = _paced(ceiling)
+        if estimated_input and actual_input:
+            self.input_ratio = 0.9 * self.input_ratio + 0.1 * (actual_input / estimated_input)
+        if self.factor < 1.0:
+            self.factor = min(1.0, self.factor + RECOVERY)
+
+    def on_rate_limited(self, wait_s: float) -> None:
+        """A 429: hold every task for wait_s and slow the pace a little."""
+        now = self._clock()
+        self.rate_limited += 1
+        self.paused_until = max(self.paused_until, now + wait_s)
+        if now - self._last_slowdown >= 1.0:
+            self.factor = max(MIN_FACTOR, self.factor * SLOWDOWN)
+            self._last_slowdown = now
+        for bucket in self.buckets.values():
+            bucket.level = min(bucket.level, 0.0)
+
+
+def _paced(per_minute: float | None) -> float | None:
+    return None if per_minute is None else per_minute * SAFETY
+
+
+# Limits are announced per minute by OpenAI (x-ratelimit-limit-*) and Anthropic (anthropic-ratelimit-*).
+LIMIT_HEADERS: dict[str, tuple[str, ...]] = {
+    "requests": ("x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"),
+    "tokens": ("x-ratelimit-limit-tokens", "anthropic-ratelimit-tokens-limit"),
+    "input_tokens": ("anthropic-ratelimit-input-tokens-limit",),
+    "output_tokens": ("anthropic-ratelimit-output-tokens-limit",),
+}
+
+
+def _first_number(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            continue
+        if value == value and value not in (float("inf"), float("-inf")):
+            return value
+    return None

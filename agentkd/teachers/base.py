@@ -1,0 +1,200 @@
+"""What a teacher call is: the request, the reply, the Teacher protocol, and one error tree.
+
+Adapters translate a TeacherRequest into one provider's wire format and map every failure onto the
+errors below exactly once; the gateway decides on retries, billing and storage from these types alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    role: str
+    provider: str
+    model: str
+    messages: tuple[dict[str, str], ...]  # [{"role": "system"|"user"|"assistant", "content": str}]
+    temperature: float
+    max_tokens: int
+    prompt_version: str = ""
+    top_logprobs: int = 0
+    response_format: dict[str, Any] | None = None  # a JSON schema, where the provider supports one
+
+    def canonical(self) -> dict[str, Any]:
+        """What identifies the request: never the API key or the base URL."""
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "messages": [dict(m) for m in self.messages],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_logprobs": self.top_logprobs,
+            "response_format": self.response_format,
+            "prompt_version": self.prompt_version,
+        }
+
+    @property
+    def key(self) -> str:
+        """sha256 of the canonical request: the cache and never-pay-twice key."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages)
+
+
+@dataclass
+class TeacherReply:
+    text: str
+    finish_reason: str  # normalised: "stop" | "length" | provider's own word otherwise
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    request_id: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers only
+    logprobs: list[dict[str, Any]] | None = None  # [{"token", "logprob", "top": [[token, logprob]...]}]
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Teacher(Protocol):
+    """One provider endpoint. `complete` makes exactly one HTTP attempt: no retries inside."""
+
+    provider: str
+
+    async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply: ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---- the error tree -------------------------------------------------------------------------------
+class TeacherError(Exception):
+    """A failed attempt. `retryable` decides the retry loop; `maybe_billed` decides settlement."""
+
+    retryable = False
+    maybe_billed = False  # True when the provider may have done (and billed) the work
+    fatal = False  # True stops the whole run (auth, quota): retrying or skipping cannot help
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        snippet: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+        self.snippet = snippet  # the first bytes of a bad body, stored for diagnosis
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__
+
+
+class RateLimited(TeacherError):
+    retryable = True
+
+
+class Overloaded(TeacherError):
+    """503/529: the provider is busy; nothing was billed."""
+
+    retryable = True
+
+
+class ServerError(TeacherError):
+    retryable = True
+
+
+class QuotaExceeded(TeacherError):
+    """insufficient_quota / spend limit reached: not a rate limit, never retried."""
+
+    fatal = True
+
+
+class AuthError(TeacherError):
+    fatal = True
+
+
+class BadRequest(TeacherError):
+    """400/404/422 or x-should-retry: false: this item cannot succeed as sent."""
+
+
+class ConnectFailed(TeacherError):
+    """Nothing reached the provider (refused, DNS): retry, release the reservation."""
+
+    retryable = True
+
+
+class ReadTimeout(TeacherError):
+    """Sent, then no complete answer in time: the provider may have billed it."""
+
+    retryable = True
+    maybe_billed = True
+
+
+class MalformedResponse(TeacherError):
+    """Reset mid-body, truncated JSON, an HTML page: possibly billed, worth another attempt."""
+
+    retryable = True
+    maybe_billed = True
+
+
+class IncompleteResponse(TeacherError):
+    """200 without usage or choices: billed, but unusable; retrying would pay again."""
+
+    maybe_billed = True
+
+
+STATUS_ERRORS: dict[int, type[TeacherError]] = {
+    400: BadRequest, 401: AuthError, 403: AuthError, 404: BadRequest, 408: ServerError,
+    409: ServerError, 413: BadRequest, 422: BadRequest, 429: RateLimited, 500: ServerError,
+    502: ServerError, 503: Overloaded, 504: ServerError, 529: Overloaded,
+}
+
+QUOTA_MARKERS = ("insufficient_quota", "billing_hard_limit", "spend limit", "credit balance",
+                 "quota", "billing")
+
+
+def error_for_status(status: int, body: str, headers: dict[str, str]) -> TeacherError:
+    """Map an HTTP error status (+ body, headers) onto the error tree: the single place this happens."""
+    snippet = body[:500]
+    lowered = snippet.lower()
+    if status in (400, 403, 429) and any(marker in lowered for marker in QUOTA_MARKERS):
+        return QuotaExceeded(f"HTTP {status}: quota or spend limit reached", status=status,
+                             headers=headers, snippet=snippet)
+    if headers.get("x-should-retry", "").lower() == "false":
+        return BadRequest(f"HTTP {status}: provider says x-should-retry: false", status=status,
+                          headers=headers, snippet=snippet)
+    if headers.get("x-should-retry", "").lower() == "true" and status not in STATUS_ERRORS:
+        return ServerError(f"HTTP {status}", status=status, headers=headers, snippet=snippet)
+    cls = STATUS_ERRORS.get(status, ServerError if status >= 500 else BadRequest)
+    return cls(f"HTTP {status}: {_error_message(snippet)}", status=status, headers=headers, snippet=snippet)
+
+
+def _error_message(body: str) -> str:
+    """The provider's error message, if the body is the usual JSON; a short snippet otherwise."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:120].replace("\n", " ")
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"][:300]
+    return body[:120].replace("\n", " ")
+
+
+RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after", "x-should-retry")
+
+
+def rate_limit_headers(headers: Any) -> dict[str, str]:
+    """Keep only the headers the limiter and retry policy read (never auth or cookies)."""
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADER_PREFIXES)}

@@ -1,0 +1,90 @@
+"""Adapters over the official SDKs (`teacher.transport = "sdk"`), for users who want the vendor's client.
+
+SDK retries are off (max_retries=0): the gateway is the one retry loop. Requests and replies go through
+the same body builders and parsers as the aiohttp transport, so both transports behave alike.
+"""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+
+from agentkd.teachers.base import (
+    ConnectFailed,
+    MalformedResponse,
+    ReadTimeout,
+    TeacherReply,
+    TeacherRequest,
+    error_for_status,
+    rate_limit_headers,
+)
+from agentkd.teachers.wire import anthropic_body, openai_body, parse_anthropic, parse_openai
+
+
+class OpenAISDKTeacher:
+    def __init__(self, *, provider: str, base_url: str, api_key: str | None) -> None:
+        self.provider = provider
+        # The SDK insists on a key; local servers (vLLM, Ollama, the sim) accept any.
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+
+    async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
+        body = openai_body(request, self.provider)
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**body, timeout=timeout_s)
+            data = raw.parse().model_dump()
+        except openai.APIStatusError as err:
+            raise error_for_status(err.status_code, err.response.text,
+                                   rate_limit_headers(err.response.headers)) from None
+        except openai.APITimeoutError:
+            raise ReadTimeout(f"no complete answer within {timeout_s:g} s") from None
+        except openai.APIConnectionError as err:
+            raise _connection_error(err) from None
+        except (openai.APIResponseValidationError, ValueError) as err:
+            raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
+        reply = parse_openai(data, "")
+        reply.headers = rate_limit_headers(raw.headers)
+        reply.request_id = raw.headers.get("x-request-id") or data.get("id")
+        return reply
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class AnthropicSDKTeacher:
+    def __init__(self, *, base_url: str, api_key: str | None) -> None:
+        self.provider = "anthropic"
+        self._client = anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+
+    async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
+        body = anthropic_body(request)
+        # anthropic 2.x has no temperature parameter on messages.create; the API still takes it.
+        extra_body = {"temperature": body.pop("temperature")}
+        try:
+            raw = await self._client.messages.with_raw_response.create(**body, extra_body=extra_body,
+                                                                       timeout=timeout_s)
+            data = (await raw.parse()).model_dump()
+        except anthropic.APIStatusError as err:
+            raise error_for_status(err.status_code, err.response.text,
+                                   rate_limit_headers(err.response.headers)) from None
+        except anthropic.APITimeoutError:
+            raise ReadTimeout(f"no complete answer within {timeout_s:g} s") from None
+        except anthropic.APIConnectionError as err:
+            raise _connection_error(err) from None
+        except (anthropic.APIResponseValidationError, ValueError) as err:
+            raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
+        reply = parse_anthropic(data, "")
+        reply.headers = rate_limit_headers(raw.headers)
+        reply.request_id = raw.headers.get("request-id") or data.get("id")
+        return reply
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _connection_error(err: Exception) -> ConnectFailed | MalformedResponse:
+    """Refused before sending vs broken after: only the first is surely unbilled."""
+    cause = err.__cause__
+    name = type(cause).__name__ if cause is not None else ""
+    if "Connect" in name:
+        return ConnectFailed(f"cannot connect: {name}")
+    return MalformedResponse(f"connection broke: {name or type(err).__name__}")

@@ -1,0 +1,234 @@
+"""The gateway: cache, single flight, budget, retry policy and what each fault leaves in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentkd.budget import Budget, BudgetExhausted
+from agentkd.config import LimitsSection, PriceSection
+from agentkd.gateway import CallFailed, Gateway, spent_in_store
+from agentkd.retry import Deferred
+from agentkd.store import Store
+from agentkd.teachers.base import (
+    AuthError, BadRequest, ConnectFailed, IncompleteResponse, MalformedResponse, Overloaded,
+    QuotaExceeded, RateLimited, ReadTimeout, ServerError, TeacherReply, TeacherRequest,
+)
+from tests.gateway_fakes import FakeClock, ScriptedTeacher
+
+PRICE = PriceSection(input_per_mtok=1_000.0, output_per_mtok=2_000.0)  # $0.001/token in, $0.002 out
+
+
+def request(text: str = "What is 2 + 2?", max_tokens: int = 10) -> TeacherRequest:
+    return TeacherRequest(role="answerer", provider="sim", model="m",
+                          messages=({"role": "user", "content": text},), temperature=0.0,
+                          max_tokens=max_tokens, prompt_version="v1")
+
+
+async def make_gateway(tmp_path, teacher, *, usd=None, tokens=None, clock=None, **limits):
+    clock = clock or FakeClock()
+    store = Store(tmp_path / "run.duckdb")
+    budget = Budget(usd=usd, tokens=tokens, price_of=lambda model: PRICE)
+    gateway = Gateway(teachers={"sim": teacher}, store=store, budget=budget,
+                      limits=LimitsSection(**{"max_attempts": 4, **limits}), clock=clock, sleep=clock.sleep)
+    await gateway.start()
+    return gateway, store, clock
+
+
+async def test_stored_answer_is_never_requested_again(tmp_path):
+    teacher = ScriptedTeacher()
+    gateway, store, _ = await make_gateway(tmp_path, teacher)
+    first = await gateway.complete(request())
+    second = await gateway.complete(request())
+    assert len(teacher.calls) == 1 and second.from_cache and second.text == first.text
+    await store.close()
+    # A resumed process re-pays nothing stored.
+    teacher2 = ScriptedTeacher()
+    gateway2, store2, _ = await make_gateway(tmp_path, teacher2)
+    assert (await gateway2.complete(request())).from_cache
+    assert teacher2.calls == []
+    await store2.close()
+
+
+async def test_concurrent_identical_requests_share_one_call(tmp_path):
+    teacher = ScriptedTeacher(delay=lambda: 0.01)
+    gateway, store, _ = await make_gateway(tmp_path, teacher)
+    results = await asyncio.gather(*(gateway.complete(request()) for _ in range(20)))
+    assert len(teacher.calls) == 1
+    assert len({r.text for r in results}) == 1
+    assert store.query("SELECT count(*) FROM calls")[0][0] == 1
+    await store.close()
+
+
+async def test_500_500_200_is_one_row_with_three_attempts(tmp_path):
+    teacher = ScriptedTeacher([ServerError("HTTP 500", status=500), ServerError("HTTP 500", status=500)])
+    gateway, store, clock = await make_gateway(tmp_path, teacher)
+    result = await gateway.complete(request())
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    rows = store.query_dicts("SELECT status, attempts FROM calls")
+    assert rows == [{"status": "ok", "attempts": 3}] and result.attempts == 3
+    assert store.query("SELECT count(*) FROM attempts")[0][0] == 3
+    assert len(clock.sleeps) == 2 and all(0 <= s <= 1.0 for s in clock.sleeps)  # full jitter, base 0.5
+    store.close_sync()
+
+
+async def test_retry_after_is_honoured(tmp_path):
+    limited = RateLimited("HTTP 429", status=429, headers={"retry-after": "3"})
+    gateway, store, clock = await make_gateway(tmp_path, ScriptedTeacher([limited]))
+    await gateway.complete(request())
+    assert sum(clock.sleeps) >= 3.0
+    assert gateway.stats.rate_limited == 1
+    await store.close()
+
+
+@pytest.mark.parametrize("error", [QuotaExceeded("quota", status=429), AuthError("HTTP 401", status=401)])
+async def test_fatal_errors_are_not_retried_and_stop_the_run(tmp_path, error):
+    teacher = ScriptedTeacher([error])
+    gateway, store, clock = await make_gateway(tmp_path, teacher)
+    with pytest.raises(type(error)):
+        await gateway.complete(request())
+    assert len(teacher.calls) == 1 and clock.sleeps == []
+    assert store.query("SELECT status, error_class FROM calls") == [("error", type(error).__name__)]
+    await store.close()
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_bad_requests_are_skipped_without_retry(tmp_path, status):
+    teacher = ScriptedTeacher([BadRequest(f"HTTP {status}", status=status)])
+    gateway, store, _ = await make_gateway(tmp_path, teacher)
+    with pytest.raises(CallFailed) as failed:
+        await gateway.complete(request())
+    assert failed.value.attempts == 1 and len(teacher.calls) == 1
+    await store.close()
+
+
+async def test_overload_past_max_attempts_skips_the_item(tmp_path):
+    teacher = ScriptedTeacher([Overloaded("HTTP 529", status=529)] * 10)
+    gateway, store, _ = await make_gateway(tmp_path, teacher, max_attempts=3)
+    with pytest.raises(CallFailed, match="Overloaded after 3"):
+        await gateway.complete(request())
+    assert len(teacher.calls) == 3
+    assert gateway.budget.settled_usd == 0.0  # overloaded answers were never billed
+    await store.close()
+
+
+async def test_long_retry_after_defers_the_item(tmp_path):
+    limited = RateLimited("HTTP 429", status=429, headers={"retry-after": "3600"})
+    gateway, store, clock = await make_gateway(tmp_path, ScriptedTeacher([limited]), max_wait_s=60)
+    with pytest.raises(Deferred):
+        await gateway.complete(request())
+    assert clock.sleeps == []
+    await store.close()
+
+
+async def test_connect_failure_releases_and_timeout_settles_at_the_reservation(tmp_path):
+    teacher = ScriptedTeacher([ConnectFailed("refused"), ReadTimeout("timeout")])
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    result = await gateway.complete(request(max_tokens=10))
+    worst, _ = gateway.budget.worst_case("m", *_estimate_and_max(request(max_tokens=10)))
+    # Refused: nothing billed. Timed out after sending: the whole reservation. Success: actual usage.
+    assert gateway.budget.settled_usd == pytest.approx(worst + result.cost_usd)
+    assert gateway.budget.reserved_usd == pytest.approx(0.0)
+    await store.close()
+
+
+def _estimate_and_max(req):
+    from agentkd.tokens import estimate_prompt
+    return estimate_prompt(req.messages, req.provider).tokens, req.max_tokens
+
+
+async def test_200_without_usage_is_charged_and_skipped(tmp_path):
+    teacher = ScriptedTeacher([IncompleteResponse("no usage")])
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    with pytest.raises(CallFailed):
+        await gateway.complete(request())
+    assert len(teacher.calls) == 1 and gateway.budget.settled_usd > 0
+    await store.close()
+
+
+async def test_garbled_body_is_retried_and_its_snippet_stored(tmp_path):
+    teacher = ScriptedTeacher([MalformedResponse("not JSON", snippet="<html>bad gateway</html>")] * 4)
+    gateway, store, _ = await make_gateway(tmp_path, teacher)
+    with pytest.raises(CallFailed):
+        await gateway.complete(request())
+    detail = store.query("SELECT error_detail FROM calls")[0][0]
+    assert "<html>bad gateway</html>" in detail and len(teacher.calls) == 4
+    await store.close()
+
+
+async def test_truncated_answer_is_stored_as_truncated(tmp_path):
+    reply = TeacherReply(text="2 + 2 =", finish_reason="length", input_tokens=5, output_tokens=10)
+    gateway, store, _ = await make_gateway(tmp_path, ScriptedTeacher([reply]))
+    result = await gateway.complete(request())
+    assert result.truncated and store.query("SELECT truncated FROM calls") == [(True,)]
+    await store.close()
+
+
+async def test_cancellation_mid_call_settles_the_reservation(tmp_path):
+    teacher = ScriptedTeacher(delay=lambda: 10.0)
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    task = asyncio.create_task(gateway.complete(request()))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gateway.budget.reserved_usd == pytest.approx(0.0)
+    assert gateway.budget.settled_usd > 0  # it was sent: the provider may have billed it
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    assert spent_in_store(store)[0] == pytest.approx(gateway.budget.settled_usd)
+    store.close_sync()
+
+
+async def test_unsettled_reservations_count_as_spent_on_resume(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("reservations", [
+        {"reservation_id": "a", "key": "k1", "event": "reserve", "usd": 0.5, "tokens": 100},
+        {"reservation_id": "a", "key": "k1", "event": "settle", "usd": 0.2, "tokens": 40},
+        {"reservation_id": "b", "key": "k2", "event": "reserve", "usd": 0.3, "tokens": 60},  # crashed
+        {"reservation_id": "c", "key": "k3", "event": "reserve", "usd": 0.4, "tokens": 80},
+        {"reservation_id": "c", "key": "k3", "event": "release", "usd": 0.0, "tokens": 0},
+    ])
+    assert spent_in_store(store) == (pytest.approx(0.5), 100)
+    store.close_sync()
+
+
+async def test_budget_exhaustion_stops_before_sending(tmp_path):
+    teacher = ScriptedTeacher()
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=0.001)
+    with pytest.raises(BudgetExhausted, match="budget exhausted"):
+        await gateway.complete(request())
+    assert teacher.calls == []
+    await store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_tasks=st.integers(20, 200), fits=st.integers(1, 15), seed=st.integers(0, 10_000))
+def test_concurrent_admission_never_passes_the_cap(tmp_path_factory, n_tasks, fits, seed):
+    """RELIABILITY 19: N concurrent tasks, a budget fitting `fits` worst-case calls: at most `fits` sent."""
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("prop")
+
+    async def scenario():
+        # Usage equals the worst case, so the budget admits exactly `fits` calls however they interleave.
+        req0 = request("q0000")
+        est, max_tokens = _estimate_and_max(req0)
+        teacher = ScriptedTeacher(delay=lambda: rng.uniform(0, 0.002), usage=(est, max_tokens))
+        per_call = (est * PRICE.input_per_mtok + max_tokens * PRICE.output_per_mtok) / 1e6
+        gateway, store, _ = await make_gateway(tmp, teacher, usd=per_call * fits + per_call / 2,
+                                               clock=FakeClock())
+        outcomes = await asyncio.gather(*(gateway.complete(request(f"q{i:04d}")) for i in range(n_tasks)),
+                                        return_exceptions=True)
+        budget = gateway.budget
+        await store.close()
+        return outcomes, budget, len(teacher.calls)
+
+    outcomes, budget, sent = asyncio.run(scenario())
+    assert sent <= fits
+    assert budget.settled_usd <= budget.cap_usd + 1e-12
+    assert budget.reserved_usd == pytest.approx(0.0, abs=1e-12)
