@@ -136,9 +136,6 @@ class TaskSection(Section):
     min_rationale_words: int = Field(
         5, ge=1, description="Explainer rationales shorter than this count as missing (2403.15886: 5)."
     )
-    min_rationale_words: int = Field(
-        5, ge=1, description="Explainer rationales shorter than this count as missing (2403.15886: 5)."
-    )
 
 
 class StudentSection(Section):
