@@ -1,0 +1,176 @@
+"""Each loss against a reference computed another way, on seeded tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agentkd import objectives as obj
+
+IGN = obj.IGNORE
+
+
+def seeded(seed: int = 0, B: int = 3, T: int = 7, V: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = IGN  # prompt
+    labels[1, 5:] = IGN  # padding
+    return logits, labels
+
+
+def manual_ce(logits, labels):
+    total, n = 0.0, 0
+    for b in range(logits.size(0)):
+        for t in range(1, logits.size(1)):
+            if labels[b, t] != IGN:
+                total -= torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                n += 1
+    return total / n
+
+
+def test_sft_loss_is_mean_ce_over_response_tokens_only():
+    logits, labels = seeded()
+    assert obj.sft_loss(logits, labels).item() == pytest.approx(manual_ce(logits, labels), rel=1e-5)
+    changed = logits.clone()
+    changed[:, 0] += 5.0  # position 0 predicts token 1, a prompt token: no loss there
+    assert obj.sft_loss(changed, labels).item() == pytest.approx(obj.sft_loss(logits, labels).item(), rel=1e-6)
+
+
+def test_rationale_loss_masks_rows_without_rationale():
+    label_logits, label_labels = seeded(1)
+    why_logits, why_labels = seeded(2)
+    why_labels[2, :] = IGN  # row 2 has no rationale
+    a = 0.3
+    got = obj.rationale_loss(label_logits, label_labels, why_logits, why_labels, a).item()
+    ref = a * manual_ce(label_logits, label_labels) + (1 - a) * manual_ce(why_logits[:2], why_labels[:2])
+    assert got == pytest.approx(ref, rel=1e-5)
+    none = torch.full_like(why_labels, IGN)
+    got_none = obj.rationale_loss(label_logits, label_labels, why_logits, none, a).item()
+    assert got_none == pytest.approx(a * manual_ce(label_logits, label_labels), rel=1e-5)
+
+
+def random_sparse(B, T, V, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.softmax(torch.randn(B, T, V, generator=g) * 2, -1)
+    s = [obj.sparsify(dense[b], k) for b in range(B)]
+    return dense, torch.stack([x.ids for x in s]), torch.stack([x.probs for x in s]), torch.stack([x.tail for x in s])
+
+
+def test_sparse_kl_with_full_width_equals_dense_kl_div():
+    logits, labels = seeded(3)
+    V = logits.size(-1)
+    dense, ids, probs, tail = random_sparse(3, 7, V, V, seed=4)
+    assert tail.abs().max().item() == 0.0
+    got = obj.sparse_kl(logits, labels, ids, probs, tail)  # (B, T-1)
+    ref = F.kl_div(torch.log_softmax(logits[:, :-1], -1), dense[:, 1:], reduction="none").sum(-1)
+    mask = labels[:, 1:] != IGN
+    torch.testing.assert_close(got, ref * mask, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_kl_equals_kl_of_coarsened_distributions_and_bounds_full_kl():
+    logits, labels = seeded(5)
+    V, k = logits.size(-1), 4
+    dense, ids, probs, tail = random_sparse(3, 7, V, k, seed=6)
+    got = obj.sparse_kl(logits, labels, ids, probs, tail)
+    s = torch.softmax(logits, -1)
+    for b in range(3):
+        for t in range(1, 7):
+            if labels[b, t] == IGN:
+                assert got[b, t - 1].item() == 0.0
+                continue
+            top = ids[b, t].tolist()
+            p = [dense[b, t, i].item() for i in top] + [1 - sum(dense[b, t, i].item() for i in top)]
+            q = [s[b, t - 1, i].item() for i in top] + [1 - sum(s[b, t - 1, i].item() for i in top)]
+            ref = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+            assert got[b, t - 1].item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
+            full = F.kl_div(torch.log_softmax(logits[b, t - 1], -1), dense[b, t], reduction="sum").item()
+            assert got[b, t - 1].item() <= full + 1e-5
+
+
+def test_posterior_kd_loss_is_ce_plus_lambda_mean_kl():
+    logits, labels = seeded(7)
+    _, ids, probs, tail = random_sparse(3, 7, logits.size(-1), 5, seed=8)
+    n = (labels[:, 1:] != IGN).sum()
+    ref = manual_ce(logits, labels) + 2.0 * (obj.sparse_kl(logits, labels, ids, probs, tail).sum() / n).item()
+    assert obj.posterior_kd_loss(logits, labels, ids, probs, tail, 2.0).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_ngram_counts_and_smoothing():
+    ng = obj.NGramModel.fit([[3, 4, 5], [3, 4, 6], [3, 7]], n=3, vocab_size=10, add_k=0.5)
+    # context (3, 4) seen twice: 5 once, 6 once -> (1 + 0.5) / (2 + 0.5 * 10)
+    assert ng.dense([3, 4])[5].item() == pytest.approx(1.5 / 7)
+    assert ng.dense([3, 4])[0].item() == pytest.approx(0.5 / 7)
+    for ctx in ([], [3], [3, 4], [9, 9], [1, 2, 3, 4]):
+        assert ng.dense(ctx).sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_posterior_is_a_distribution_including_tail():
+    ng = obj.NGramModel.fit([[1, 2, 3, 4], [2, 3, 5]], n=3, vocab_size=12, add_k=0.1)
+    ys = [2, 3, 4, 5]
+    q = torch.softmax(torch.randn(4, 12, generator=torch.Generator().manual_seed(0)), -1)
+    post = obj.posterior(obj.prior(ng, ys, 0.1), q, alpha=1.0, beta=1.0)
+    assert (post >= 0).all()
+    sparse = obj.sparsify(post, 3)
+    torch.testing.assert_close(sparse.probs.sum(-1) + sparse.tail, torch.ones(4))
+    # with the teacher's top-k logprobs as extra evidence it is still a distribution
+    ev = obj.evidence_from_top_logprobs(torch.tensor([[2, 7]] * 4), torch.log(torch.tensor([[0.6, 0.3]] * 4)), q)
+    torch.testing.assert_close(ev.sum(-1), torch.ones(4))
+    assert ev[0, 2].item() == pytest.approx(0.6)
+    post_ev = obj.posterior(obj.prior(ng, ys, 0.1), q, alpha=1.0, beta=1.0, evidence=ev, gamma=1.0)
+    torch.testing.assert_close(post_ev.sum(-1), torch.ones(4))
+
+
+def test_posterior_is_one_hot_when_eps_and_beta_are_zero():
+    ng = obj.NGramModel.fit([[1, 2, 3]], n=2, vocab_size=6, add_k=0.1)
+    ys = [1, 2, 3]
+    q = torch.full((3, 6), 1 / 6)
+    post = obj.posterior(obj.prior(ng, ys, 0.0), q, alpha=1.0, beta=0.0)
+    torch.testing.assert_close(post, F.one_hot(torch.tensor(ys), 6).float())
+    sparse = obj.sparsify(post, 4)
+    assert sparse.ids[:, 0].tolist() == ys and sparse.tail.abs().max().item() == 0.0
+
+
+def test_dpo_loss_matches_formula_and_prefers_chosen():
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
+    beta = 0.1
+    ref = sum(math.log(1 + math.exp(-beta * ((a - c) - (b - d)))) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 5
+    assert obj.dpo_loss(pc, pr, rc, rr, beta).item() == pytest.approx(ref, rel=1e-5)
+    assert obj.dpo_loss(pc + 1, pr, rc, rr, beta) < obj.dpo_loss(pc, pr, rc, rr, beta)
+
+
+def test_sequence_logprob_sums_token_logprobs():
+    logits, labels = seeded(9)
+    got = obj.sequence_logprob(logits, labels)
+    n = (labels[:, 1:] != IGN).sum(-1)
+    torch.testing.assert_close(obj.sequence_logprob(logits, labels, mean=True), got / n)
+    assert got[0].item() == pytest.approx(-manual_ce(logits[:1], labels[:1]) * n[0].item(), rel=1e-5)
+
+
+def test_proxy_weights_are_sigmoid_zscores_without_grad():
+    logp = torch.tensor([-1.0, -2.0, -3.0, -0.5], requires_grad=True)
+    w = obj.proxy_sample_weights(logp)
+    assert not w.requires_grad
+    x = [-1.0, -2.0, -3.0, -0.5]
+    mean = sum(x) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / 3)
+    ref = [1 / (1 + math.exp(-(v - mean) / std)) for v in x]
+    assert w.tolist() == pytest.approx(ref, rel=1e-5)
+
+
+def test_proxy_kd_loss_weights_each_row_and_takes_no_weight_grad():
+    logits, labels = seeded(10)
+    logits.requires_grad_(True)
+    _, ids, probs, tail = random_sparse(3, 7, logits.size(-1), 4, seed=11)
+    w = torch.tensor([0.2, 0.9, 0.5], requires_grad=True)
+    loss = obj.proxy_kd_loss(logits, labels, ids, probs, tail, w, 1.5)
+    kl_rows = obj.sparse_kl(logits, labels, ids, probs, tail).sum(-1)  # (B,)
+    n = (labels[:, 1:] != IGN).sum()
+    ref = manual_ce(logits.detach(), labels) + 1.5 * ((w.detach() * kl_rows).sum() / n).item()
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    loss.backward()
+    assert w.grad is None and logits.grad is not None
