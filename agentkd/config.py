@@ -64,6 +64,9 @@ class SimSection(Section):
         None, description="If set, the sim answers 401 unless this key is sent (for auth tests)."
     )
     seed: int | None = Field(None, description="Sim RNG seed; None uses run.seed.")
+    referee_prose_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of referee replies with prose before the JSON (parser tests)."
+    )
 
 
 class TeacherSection(Section):
