@@ -17,6 +17,7 @@ from agentkd.config import ConfigError, TaskSection
 from agentkd.roles.json_reply import MAX_REPLY_CHARS, find_json, strip_fences
 
 MAX_RATIONALE_CHARS = 2_000
+MAX_NUMBER_CHARS = 40  # a label with more digits is garbage (and int() refuses > 4,300 digits)
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 NLI_SYNONYMS: dict[str, str] = {
@@ -269,6 +270,8 @@ def _whole_number(raw: str) -> tuple[str | None, str | None]:
     if len(numbers) > 1:
         return None, f"ambiguous label (several numbers): {raw.strip()[:80]!r}"
     number = numbers.pop()
+    if len(number) > MAX_NUMBER_CHARS:
+        return None, f"number too long ({len(number)} chars)"
     if "." not in number:
         return str(int(number)), None
     value = float(number)
