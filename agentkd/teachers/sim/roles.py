@@ -1,0 +1,184 @@
+"""What the simulated teacher says: recognise the role from the prompt's data blocks, then answer in the world.
+
+Contract (prompts/README.md): values arrive as `<data name="NAME">\\n...\\n</data>` blocks. The block names
+present pick the role: answer_a + answer_b -> referee; seed_instruction -> generator (easy when the text
+outside the blocks says "rarer"); input + labels (+ label) -> explainer; otherwise answerer, whose
+instruction is the `instruction` block or, without blocks, the whole last user message.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from agentkd.teachers.sim.world import (
+    KINDS,
+    Problem,
+    make_problem,
+    parse_steps,
+    rarer_kind,
+    slipped_answer,
+    solve,
+    worked_answer,
+    final_number,
+)
+
+_BLOCK = re.compile(r'<data name="(?P<name>[A-Za-z_][A-Za-z0-9_]*)">\n?(?P<body>.*?)\n?</data>', re.DOTALL)
+_RARER = re.compile(r"\brarer\b", re.IGNORECASE)
+# Sim tokens: words and single punctuation marks. Deterministic and cheap; not any real tokenizer.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def token_pieces(text: str) -> list[str]:
+    """The text cut into sim tokens, each carrying the whitespace before it, so the pieces join to text."""
+    pieces: list[str] = []
+    start = 0
+    for match in _TOKEN.finditer(text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    if start < len(text) and pieces:
+        pieces[-1] += text[start:]
+    return pieces
+
+
+def truncate(text: str, max_tokens: int) -> tuple[str, bool]:
+    """text cut after max_tokens sim tokens, and whether it was cut."""
+    ends = [m.end() for m in _TOKEN.finditer(text)]
+    if len(ends) <= max_tokens:
+        return text, False
+    return (text[: ends[max_tokens - 1]] if max_tokens > 0 else ""), True
+
+
+def data_blocks(text: str) -> tuple[dict[str, str], str]:
+    """(block name -> value, the text outside all blocks)."""
+    blocks = {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
+    return blocks, _BLOCK.sub(" ", text)
+
+
+@dataclass(frozen=True)
+class Reply:
+    role: str
+    text: str
+
+
+def reply(
+    system: str, user: str, *, json_mode: bool, rng: random.Random, phrasing: random.Random | None,
+    error_rate: float, prose_rate: float = 0.0,
+) -> Reply:
+    """The sim teacher's reply. rng decides errors and new problems; phrasing (None: canonical) the wording."""
+    blocks, outside = data_blocks(user)
+    system_blocks, system_outside = data_blocks(system)
+    blocks = {**system_blocks, **blocks}
+    outside = f"{system_outside}\n{outside}"
+    if "answer_a" in blocks and "answer_b" in blocks:
+        return Reply("referee", _referee(blocks, rng, error_rate, prose_rate))
+    if "seed_instruction" in blocks:
+        easy = bool(_RARER.search(outside))
+        return Reply("generator", _generator(blocks["seed_instruction"], easy, rng))
+    if "input" in blocks and "labels" in blocks:
+        if "label" in blocks:
+            return Reply("explainer_given_label", _explain_given(blocks, json_mode, phrasing))
+        return Reply("explainer", _explain(blocks["input"], json_mode, rng, phrasing, error_rate))
+    instruction = blocks.get("instruction", user if not blocks else "")
+    return Reply("answerer", _answer(instruction, json_mode, rng, phrasing, error_rate))
+
+
+def _answer(instruction: str, json_mode: bool, rng: random.Random, phrasing: random.Random | None,
+            error_rate: float) -> str:
+    problem = solve(instruction.strip())
+    if problem is None:
+        text = "I can only work through arithmetic word problems of a simple kind. The answer is 0."
+    else:
+        final = slipped_answer(problem, rng) if rng.random() < error_rate else None
+        text = worked_answer(problem, phrasing, final=final)
+    return json.dumps({"answer": text}) if json_mode else text
+
+
+def _reason(problem: Problem, label: int, phrasing: random.Random | None) -> str:
+    parsed = parse_steps(problem.text)
+    equations = [s.equation() for s in parsed[1]] if parsed else []
+    if parsed and label != problem.answer:
+        last = parsed[1][-1]
+        equations[-1] = f"{last.left} {last.symbol} {last.right} = {label}"
+    chain = ", then ".join(equations)
+    openers = ("Working through the steps", "Following the problem", "Step by step")
+    opener = openers[0] if phrasing is None else phrasing.choice(openers)
+    return f"{opener}, {chain}, so the result is {label}."
+
+
+def _explain(text: str, json_mode: bool, rng: random.Random, phrasing: random.Random | None,
+             error_rate: float) -> str:
+    problem = solve(text.strip())
+    if problem is None:
+        label, reason = 0, "The input is not an arithmetic word problem, so no quantity can be computed."
+    else:
+        label = slipped_answer(problem, rng) if rng.random() < error_rate else problem.answer
+        reason = _reason(problem, label, phrasing)
+    if json_mode:
+        return json.dumps({"label": str(label), "rationale": reason})
+    return f"Label: {label}\nReason: {reason}"
+
+
+def _explain_given(blocks: dict[str, str], json_mode: bool, phrasing: random.Random | None) -> str:
+    problem = solve(blocks["input"].strip())
+    label_text = blocks["label"].strip()
+    if problem is None:
+        reason = f"The given label {label_text} is the value the input asks for."
+    else:
+        label = final_number(f"The answer is {label_text}")
+        reason = _reason(problem, label if label is not None else problem.answer, phrasing)
+    return json.dumps({"rationale": reason}) if json_mode else f"Reason: {reason}"
+
+
+def _score(correct: bool | None, rng: random.Random) -> int:
+    if correct is None:
+        return rng.randint(4, 6)
+    return rng.randint(8, 10) if correct else rng.randint(1, 4)
+
+
+def _referee(blocks: dict[str, str], rng: random.Random, error_rate: float, prose_rate: float) -> str:
+    problem = solve(blocks["instruction"].strip()) if "instruction" in blocks else None
+    finals = [final_number(blocks["answer_a"]), final_number(blocks["answer_b"])]
+    if problem is None:
+        verdicts: list[bool | None] = [None, None]
+    else:
+        verdicts = [f == problem.answer for f in finals]
+    if problem is not None and rng.random() < error_rate:
+        flip = rng.randrange(2)  # misjudge one answer: the referee's own error
+        verdicts[flip] = not verdicts[flip]
+    score_a, score_b = _score(verdicts[0], rng), _score(verdicts[1], rng)
+    comparison = _comparison(verdicts, finals)
+    text = json.dumps({"comparison": comparison, "score_a": score_a, "score_b": score_b})
+    if rng.random() < prose_rate:
+        text = f"Here is my assessment of the two answers.\n{text}"
+    return text
+
+
+def _comparison(verdicts: list[bool | None], finals: list[int | None]) -> str:
+    def describe(label: str, verdict: bool | None, final: int | None) -> str:
+        ends = f"ends with {final}" if final is not None else "gives no final number"
+        if verdict is None:
+            return f"Answer {label} {ends}"
+        return f"Answer {label} {ends}, which is {'correct' if verdict else 'wrong'}"
+
+    return f"{describe('A', verdicts[0], finals[0])}; {describe('B', verdicts[1], finals[1])}."
+
+
+def _generator(seed_text: str, easy: bool, rng: random.Random) -> str:
+    seed = solve(seed_text.strip())
+    for _ in range(20):
+        if seed is None:
+            kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
+            new = make_problem(rng, kind, rng.randint(1, 2), rng.randint(1, 2))
+        else:
+            kind = rarer_kind(seed.kind, rng) if easy else seed.kind
+            new = make_problem(rng, kind, seed.steps, seed.digits)
+        if seed is None or new.text != seed.text:
+            break
+    return json.dumps({"instruction": new.text})

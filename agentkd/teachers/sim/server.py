@@ -1,0 +1,431 @@
+"""The simulated teacher's HTTP server (aiohttp, loopback): OpenAI chat completions and Anthropic messages.
+
+One asyncio process. Order of a model request: count it -> scripted fault (errors answer at once) ->
+auth -> parse -> rate limit (429 takes nothing from the buckets) -> random fault -> latency -> reply
+-> bill. A request is billed when a 200 with content was sent or started (slow, drop and truncated
+included, as a real provider would bill them); errors, 429s and the html page are not.
+Latency: lognormal with mean latency_ms and coefficient of variation latency_jitter (0: constant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from agentkd.config import SimSection
+from agentkd.teachers.sim import roles
+from agentkd.teachers.sim.faults import HTML_PAGE, Fault, dumps, error_body, parse_script, quota_error, random_fault
+from agentkd.teachers.sim.ratelimit import RateLimiter, retry_after_headers
+
+MODEL_IDS = ("sim-teacher-1",)
+# Output cap (and rate-limit cost) when an OpenAI request names no max_tokens.
+DEFAULT_MAX_TOKENS = 1024
+# Fields of the request body that make up request_key (ledger of repeated, i.e. paid-twice, requests).
+KEY_FIELDS = ("model", "messages", "system", "temperature", "max_tokens", "max_completion_tokens",
+              "response_format", "top_logprobs")
+_ALTERNATIVES = (" the", " a", ".", " is", " =", " and", "\n", " so", " then", " answer", " +", " -",
+                 *(f" {d}" for d in range(10)), " of", ",")
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the KEY_FIELDS present in the request body."""
+    picked = {name: body[name] for name in KEY_FIELDS if name in body}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class ModelRequest:
+    """What the sim needs from either wire format."""
+
+    api: str  # "openai" or "anthropic"
+    model: str
+    system: str
+    user: str
+    prompt_tokens: int
+    max_tokens: int
+    temperature: float
+    json_mode: bool
+    top_logprobs: int | None  # None: no logprobs asked
+    key: str
+
+
+class BadRequest(Exception):
+    """The body does not describe a valid request; the message goes back in a 400."""
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def parse_request(api: str, body: Any) -> ModelRequest:
+    """Validate a chat-completions or messages body into a ModelRequest; raises BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object.")
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model: a model name is required.")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("messages: a non-empty list of messages is required.")
+    texts = [_text(m.get("content")) for m in messages]
+    if api == "anthropic":
+        system = _text(body.get("system"))
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            raise BadRequest("max_tokens: Field required (a positive integer).")
+        max_tokens = body["max_tokens"]
+    else:
+        system = "\n".join(t for m, t in zip(messages, texts) if m.get("role") in ("system", "developer"))
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest("max_tokens: must be a positive integer.")
+    users = [t for m, t in zip(messages, texts) if m.get("role") == "user"]
+    if not users:
+        raise BadRequest("messages: no user message.")
+    temperature = body.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise BadRequest("temperature: must be a number in [0, 2].")
+    top = None
+    if api == "openai" and body.get("logprobs"):
+        top = body.get("top_logprobs") or 0
+        if not isinstance(top, int) or not 0 <= top <= 20:
+            raise BadRequest("top_logprobs: must be an integer in [0, 20].")
+    fmt = body.get("response_format")
+    json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+    prompt_tokens = roles.count_tokens(system) + sum(roles.count_tokens(t) + 3 for t in texts) + 3
+    return ModelRequest(api, model, system, users[-1], prompt_tokens, max_tokens, float(temperature),
+                        json_mode, top, request_key(body))
+
+
+class SimTeacher:
+    """The simulated teacher server; one instance per event loop."""
+
+    def __init__(self, settings: SimSection, seed: int = 0):
+        self.settings = settings
+        self.seed = settings.seed if settings.seed is not None else seed
+        self.rng = random.Random(self.seed)
+        self.limiter = RateLimiter(settings.rpm, settings.tpm)
+        self.base_url = ""
+        self._script: deque[Fault] = deque()
+        self._runner: web.AppRunner | None = None
+        self._has_random_faults = any(
+            (settings.fault_500, settings.fault_503, settings.fault_529, settings.fault_slow_read,
+             settings.fault_drop, settings.fault_truncated)
+        )
+        self._serial = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear the ledger and the fault script."""
+        self.requests = self.billed_requests = self.billed_input_tokens = self.billed_output_tokens = 0
+        self.status_counts: Counter[str] = Counter()
+        self.billed_by_key: Counter[str] = Counter()
+        self._script.clear()
+
+    def script(self, faults: list[dict[str, Any]]) -> None:
+        """Queue faults for the next model requests, in order."""
+        self._script.extend(parse_script(faults))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "billed_requests": self.billed_requests,
+            "billed_input_tokens": self.billed_input_tokens,
+            "billed_output_tokens": self.billed_output_tokens,
+            "status_counts": dict(self.status_counts),
+            "billed_by_key": dict(self.billed_by_key),
+        }
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/_stats", self._stats)
+        app.router.add_post("/_script", self._script_endpoint)
+        app.router.add_post("/_reset", self._reset)
+        return app
+
+    async def start(self) -> str:
+        # A short shutdown timeout: a scripted slow reply must not hold stop() for a minute.
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://{self.settings.host}:{port}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- control endpoints -------------------------------------------------------------------------
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def _script_endpoint(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            self.script(body.get("faults") if isinstance(body, dict) else None)
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            return web.json_response({"error": str(err)}, status=400)
+        return web.json_response({"queued": len(self._script)})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if not self._authorised(request):
+            return self._error(request, "openai", 401, {})
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "agentkd-sim"} for m in MODEL_IDS]
+        return web.json_response({"object": "list", "data": data})
+
+    # --- model endpoints ---------------------------------------------------------------------------
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "openai")
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "anthropic")
+
+    def _authorised(self, request: web.Request) -> bool:
+        expected = self.settings.require_api_key
+        if expected is None:
+            return True
+        auth = request.headers.get("Authorization", "")
+        sent = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
+        return hmac.compare_digest(sent.encode(), expected.encode())
+
+    def _error(self, request: web.Request, api: str, status: int, headers: dict[str, str],
+               body: dict[str, Any] | None = None, message: str | None = None) -> web.Response:
+        self.status_counts[str(status)] += 1
+        body = body or error_body(api, status, message)
+        return web.Response(body=dumps(body), status=status, headers=headers, content_type="application/json")
+
+    async def _handle(self, request: web.Request, api: str) -> web.StreamResponse:
+        self.requests += 1
+        fault = self._script.popleft() if self._script else None
+        if fault is not None and fault.status is not None:
+            if fault.status == 429 and fault.code == "insufficient_quota":
+                status, body = quota_error(api)
+                return self._error(request, api, status, fault.headers, body)
+            return self._error(request, api, fault.status, fault.headers)
+        if not self._authorised(request):
+            # Never echo what was sent: the message is fixed text.
+            return self._error(request, api, 401, {}, message="Invalid API key (simulated teacher).")
+        try:
+            parsed = parse_request(api, await request.json())
+        except (ValueError, BadRequest) as err:
+            message = str(err) if isinstance(err, BadRequest) else "The body is not valid JSON."
+            return self._error(request, api, 400, {}, message=message)
+        admission = self.limiter.admit(parsed.prompt_tokens + parsed.max_tokens)
+        headers = self.limiter.headers()
+        if admission.too_large:
+            message = "Request too large for the tokens-per-minute limit of the simulated teacher."
+            return self._error(request, api, 400, headers, message=message)
+        if not admission.ok:
+            headers.update(retry_after_headers(admission.retry_after_s))
+            message = f"Rate limit reached for {admission.limited} (simulated teacher)."
+            error_type = "rate_limit_error" if api == "anthropic" else admission.limited
+            body = error_body(api, 429, message, error_type=error_type, code="rate_limit_exceeded")
+            return self._error(request, api, 429, headers, body)
+        if fault is None and self._has_random_faults:
+            fault = random_fault(self.settings, self.rng)
+            if fault is not None and fault.status is not None:
+                return self._error(request, api, fault.status, headers)
+        await self._latency()
+        return await self._reply(request, parsed, fault, headers)
+
+    async def _latency(self) -> None:
+        mean = self.settings.latency_ms / 1000.0
+        if mean <= 0:
+            return
+        jitter = self.settings.latency_jitter
+        if jitter > 0:
+            sigma = math.sqrt(math.log1p(jitter * jitter))
+            delay = self.rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+        else:
+            delay = mean
+        await asyncio.sleep(delay)
+
+    async def _reply(self, request: web.Request, req: ModelRequest, fault: Fault | None,
+                     headers: dict[str, str]) -> web.StreamResponse:
+        kind = fault.kind if fault else None
+        if kind == "html":
+            self.status_counts["200"] += 1
+            return web.Response(body=HTML_PAGE, headers=headers, content_type="text/html")
+        if req.temperature == 0:
+            rng, phrasing = random.Random(int(req.key[:16], 16) ^ self.seed), None
+        else:
+            rng = phrasing = self.rng
+        answer = roles.reply(req.system, req.user, json_mode=req.json_mode, rng=rng, phrasing=phrasing,
+                             error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate)
+        text, cut = roles.truncate(answer.text, req.max_tokens)
+        if kind == "length" and not cut:
+            text, cut = roles.truncate(text, max(1, roles.count_tokens(text) // 2))
+        output_tokens = 0 if kind == "no_choices" else roles.count_tokens(text)
+        body = self._body(req, text, cut, output_tokens, rng, kind)
+        if kind == "slow":
+            await asyncio.sleep(fault.seconds if fault and fault.seconds else self.settings.slow_read_s)
+        self.billed_requests += 1
+        self.billed_input_tokens += req.prompt_tokens
+        self.billed_output_tokens += output_tokens
+        self.billed_by_key[req.key] += 1
+        self.status_counts["200"] += 1
+        payload = dumps(body)
+        if kind == "truncated":
+            payload = payload[: max(1, len(payload) * 3 // 5)]
+        if kind == "drop":
+            return await self._drop(request, payload, headers)
+        return web.Response(body=payload, headers=headers, content_type="application/json")
+
+    async def _drop(self, request: web.Request, payload: bytes, headers: dict[str, str]) -> web.StreamResponse:
+        """Promise the whole body, send part of it, then abort the connection."""
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "application/json"
+        response.content_length = len(payload)
+        await response.prepare(request)
+        await response.write(payload[: len(payload) // 2])
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # the connection is gone: nothing more to send
+
+    def _body(self, req: ModelRequest, text: str, cut: bool, output_tokens: int, rng: random.Random,
+              kind: str | None) -> dict[str, Any]:
+        self._serial += 1
+        if req.api == "anthropic":
+            body: dict[str, Any] = {
+                "id": f"msg_sim{self._serial:012d}", "type": "message", "role": "assistant",
+                "content": [] if kind == "no_choices" else [{"type": "text", "text": text}],
+                "model": req.model, "stop_reason": "max_tokens" if cut else "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": req.prompt_tokens, "output_tokens": output_tokens,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            }
+        else:
+            choice = {
+                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None if req.top_logprobs is None else {"content": _logprobs(text, req.top_logprobs, rng),
+                                                                   "refusal": None},
+                "finish_reason": "length" if cut else "stop",
+            }
+            body = {
+                "id": f"chatcmpl-sim{self._serial:012d}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": "fp_sim", "choices": [] if kind == "no_choices" else [choice],
+                "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": output_tokens,
+                          "total_tokens": req.prompt_tokens + output_tokens,
+                          "prompt_tokens_details": {"cached_tokens": 0}},
+            }
+        if kind == "no_usage":
+            del body["usage"]
+        return body
+
+
+def _logprobs(text: str, top: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Per output token: the sampled token (most likely) and top-1 alternatives with a valid distribution."""
+    out = []
+    for piece in roles.token_pieces(text):
+        logprob = -rng.uniform(0.0005, 0.3)
+        rest = 1.0 - math.exp(logprob)
+        alternatives = [a for a in _ALTERNATIVES if a != piece][: max(0, top - 1)]
+        ranked = [{"token": piece, "logprob": logprob, "bytes": list(piece.encode())}] if top else []
+        for index, alt in enumerate(alternatives):
+            # Halving shares of the remaining mass keep the probabilities summing below one.
+            ranked.append({"token": alt, "logprob": math.log(rest * 0.5 ** (index + 1)), "bytes": list(alt.encode())})
+        out.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": ranked})
+    return out
+
+
+@dataclass
+class SimHandle:
+    """A sim running on its own loop in a daemon thread; calls hop onto that loop."""
+
+    teacher: SimTeacher
+    loop: asyncio.AbstractEventLoop
+    base_url: str
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        async def call() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(self.teacher.stats)
+
+    def script(self, faults: list[dict[str, Any]]) -> None:
+        self._call(self.teacher.script, faults)
+
+    def reset(self) -> None:
+        self._call(self.teacher.reset)
+
+
+@contextmanager
+def sim_in_thread(settings: SimSection | None = None, seed: int = 0) -> Iterator[SimHandle]:
+    """Serve the sim from a daemon thread (for sync SDKs, subprocesses, benchmarks); stops on exit."""
+    teacher = SimTeacher(settings or SimSection(), seed)
+    loop = asyncio.new_event_loop()
+    started: list[str | BaseException] = []
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            started.append(loop.run_until_complete(teacher.start()))
+        except BaseException as err:  # report the bind failure to the caller's thread
+            started.append(err)
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(teacher.stop())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="sim-teacher", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if not started or isinstance(started[0], BaseException):
+        raise RuntimeError(f"simulated teacher failed to start: {started[0] if started else 'timeout'}")
+    try:
+        yield SimHandle(teacher, loop, str(started[0]))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def serve_forever(settings: SimSection, port: int | None = None, seed: int = 0) -> None:
+    """Serve the simulated teacher until Ctrl-C."""
+    if port is not None:
+        settings = settings.model_copy(update={"port": port})
+
+    async def main() -> None:
+        teacher = SimTeacher(settings, seed)
+        base_url = await teacher.start()
+        print(f"simulated teacher listening on {base_url}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await teacher.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        print("simulated teacher stopped", flush=True)
