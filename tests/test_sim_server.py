@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import aiohttp
 import anthropic
@@ -46,7 +47,14 @@ async def sim(sim_factory):
     return await sim_factory()
 
 
+_CLIENTS: "weakref.WeakKeyDictionary[SimTeacher, openai.AsyncOpenAI]" = weakref.WeakKeyDictionary()
+
+
 def oai(sim, **kw):
+    if not kw:  # building an SDK client costs ~20 ms: reuse the default one per server
+        if sim not in _CLIENTS:
+            _CLIENTS[sim] = oai(sim, api_key="x")
+        return _CLIENTS[sim]
     return openai.AsyncOpenAI(base_url=sim.base_url + "/v1", api_key=kw.pop("api_key", "x"), max_retries=0, **kw)
 
 

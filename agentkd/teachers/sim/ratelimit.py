@@ -10,6 +10,7 @@ A rejected request takes nothing from either bucket.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -121,7 +122,13 @@ def duration(seconds: float) -> str:
 
 
 def _rfc3339(now: datetime, seconds: float) -> str:
-    return (now + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_second(math.ceil((now + timedelta(seconds=seconds)).timestamp()))
+
+
+@functools.lru_cache(maxsize=64)
+def _format_second(epoch: int) -> str:
+    # strftime costs more than the rest of the headers; within one second the value repeats.
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def retry_after_headers(seconds: float) -> dict[str, str]:

@@ -8,6 +8,7 @@ is deliberately small: a tiny student must be able to learn the world from ~2k e
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Sequence
@@ -184,8 +185,9 @@ def sample_problems(
     return out
 
 
-def parse_steps(text: str) -> tuple[str, list[Step], int] | None:
-    """(kind, steps, digits) of a problem statement of this world, or None."""
+@functools.lru_cache(maxsize=4096)
+def parse_steps(text: str) -> tuple[str, tuple[Step, ...], int] | None:
+    """(kind, steps, digits) of a problem statement of this world, or None. Cached: the sim re-reads texts."""
     sentences = [s.strip() for s in re.split(r"(?<=[.?])\s+", text.strip()) if s.strip()]
     if len(sentences) < 3 or not sentences[-1].endswith("?"):
         return None
@@ -226,7 +228,7 @@ def parse_steps(text: str) -> tuple[str, list[Step], int] | None:
         return None
     if not 1 <= len(steps) <= 4:
         return None
-    return kind, steps, digits
+    return kind, tuple(steps), digits
 
 
 def solve(text: str) -> Problem | None:
