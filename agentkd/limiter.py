@@ -52,7 +52,8 @@ class TokenBucket:
         if self.per_minute is None:
             return 0.0
         need = min(amount, self.capacity) - self.level
-        return 0.0 if need <= 0 else need / (self.rate * factor)
+        # Below a microsecond's refill, float rounding could otherwise spin the loop forever.
+        return 0.0 if need <= 1e-6 * self.rate else need / (self.rate * factor)
 
     def take(self, amount: float) -> None:
         if self.per_minute is not None:

@@ -1,0 +1,73 @@
+"""The limiter paces to the ceiling, follows announced limits and pauses everyone after a 429."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agentkd.config import LimitsSection
+from agentkd.limiter import SAFETY, Limiter
+from tests.gateway_fakes import FakeClock
+
+
+async def run_requests(limiter: Limiter, clock: FakeClock, n: int, tokens=(10, 10)) -> list[float]:
+    admitted = []
+
+    async def one():
+        await limiter.acquire(*tokens)
+        admitted.append(clock())
+        limiter.release()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return admitted
+
+
+async def test_requests_per_minute_are_paced_to_the_ceiling():
+    clock = FakeClock()
+    limiter = Limiter(LimitsSection(rpm=600), clock=clock, sleep=clock.sleep)
+    times = await run_requests(limiter, clock, 310)
+    elapsed = times[-1] - times[0]
+    # 10/s with about one second of burst up front: 310 requests take ~30 s.
+    rate = (len(times) - 10 * SAFETY) / elapsed
+    assert 10 * SAFETY * 0.99 <= rate <= 10 * 1.001
+
+
+async def test_token_limit_binds_when_requests_are_large():
+    clock = FakeClock()
+    limiter = Limiter(LimitsSection(rpm=6000, tpm=60_000), clock=clock, sleep=clock.sleep)
+    times = await run_requests(limiter, clock, 101, tokens=(400, 600))  # 1,000 tokens each: 1/s
+    assert 95 <= times[-1] - times[0] <= 102
+
+
+async def test_announced_limits_are_followed_when_lower():
+    clock = FakeClock()
+    limiter = Limiter(LimitsSection(rpm=6000), clock=clock, sleep=clock.sleep)
+    limiter.observe({"x-ratelimit-limit-requests": "60"})
+    times = await run_requests(limiter, clock, 31)
+    assert times[-1] - times[0] >= 29
+
+
+async def test_rate_limit_pauses_every_task():
+    clock = FakeClock()
+    limiter = Limiter(LimitsSection(), clock=clock, sleep=clock.sleep)
+    start = clock()
+    limiter.on_rate_limited(5.0)
+    times = await run_requests(limiter, clock, 3)
+    assert all(t >= start + 5.0 for t in times)
+    assert limiter.factor < 1.0
+
+
+async def test_concurrency_is_capped():
+    limiter = Limiter(LimitsSection(max_concurrency=3))
+    active = peak = 0
+
+    async def one():
+        nonlocal active, peak
+        await limiter.acquire(1, 1)
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.001)
+        active -= 1
+        limiter.release()
+
+    await asyncio.gather(*(one() for _ in range(20)))
+    assert peak == 3
