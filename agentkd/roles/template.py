@@ -18,6 +18,7 @@ from pathlib import Path
 PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "answerer": ("instruction",),
     "explainer": ("input", "labels"),
+    "labeler": ("input", "labels"),
     "explainer_given_label": ("input", "labels", "label"),
     "referee": ("instruction", "answer_a", "answer_b"),
     "generator_hard": ("seed_instruction", "?failed_answer", "?referee_comparison"),

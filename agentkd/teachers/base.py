@@ -22,7 +22,8 @@ class TeacherRequest:
     max_tokens: int
     prompt_version: str = ""
     top_logprobs: int = 0
-    response_format: dict[str, Any] | None = None  # a JSON schema, where the provider supports one
+    response_format: dict[str, Any] | None = None  # {"name", "schema"}, where the provider supports it
+    sample: int = 0  # a fresh draw of the same prompt (e.g. re-asking after an unparseable reply)
 
     def canonical(self) -> dict[str, Any]:
         """What identifies the request: never the API key or the base URL."""
@@ -35,6 +36,7 @@ class TeacherRequest:
             "top_logprobs": self.top_logprobs,
             "response_format": self.response_format,
             "prompt_version": self.prompt_version,
+            "sample": self.sample,
         }
 
     @property
@@ -175,6 +177,10 @@ def error_for_status(status: int, body: str, headers: dict[str, str]) -> Teacher
                           headers=headers, snippet=snippet)
     if headers.get("x-should-retry", "").lower() == "true" and status not in STATUS_ERRORS:
         return ServerError(f"HTTP {status}", status=status, headers=headers, snippet=snippet)
+    if status in (401, 403):
+        # Providers echo part of a rejected key in the message ("Incorrect API key provided: sk-ab***"):
+        # keep none of the body.
+        return AuthError(f"HTTP {status}: the provider refused the API key", status=status, headers=headers)
     cls = STATUS_ERRORS.get(status, ServerError if status >= 500 else BadRequest)
     return cls(f"HTTP {status}: {_error_message(snippet)}", status=status, headers=headers, snippet=snippet)
 

@@ -1,0 +1,180 @@
+"""The `agentkd` command. Exit codes: 0 done; 2 bad config or input; 3 budget exhausted (resumable);
+4 provider refused (auth, quota); 130 interrupted (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from agentkd.budget import BudgetExhausted
+from agentkd.config import ConfigError, load_config
+from agentkd.roles.template import TemplateError
+from agentkd.store import StoreError, StoreLockedError
+from agentkd.teachers.base import AuthError, QuotaExceeded
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+ROLES = ("answerer", "explainer", "referee", "generator")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentkd", description="Distil a closed teacher LLM into a small student.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", type=Path, help="run config (TOML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set budget.usd=5 (repeatable)")
+        return p
+
+    run = config_command("run", "the whole loop: imitate -> discriminate -> generate; resumes")
+    run.add_argument("--no-progress", action="store_true")
+
+    teach = config_command("teach", "one role over a JSONL dataset through the gateway; resumable")
+    teach.add_argument("--role", choices=ROLES, required=True)
+    teach.add_argument("--input", type=Path, required=True, help="JSONL, one object per line")
+    teach.add_argument("--output", type=Path, required=True)
+    teach.add_argument("--rationale-rate", type=float, default=None,
+                       help="explainer: share of rows asked for a rationale (default loop.rationale_rate)")
+    teach.add_argument("--mode", choices=("hard", "easy"), default="hard", help="generator prompt")
+    teach.add_argument("--no-progress", action="store_true")
+
+    estimate = config_command("estimate", "dry run: calls, tokens and USD; nothing is sent")
+    estimate.add_argument("--role", choices=ROLES, default="answerer")
+    estimate.add_argument("--input", type=Path, help="JSONL to estimate `teach` over")
+    estimate.add_argument("--rationale-rate", type=float, default=None)
+
+    train = config_command("train", "train the student from what the run stored")
+    train.add_argument("--objective", choices=("sft", "rationale", "posterior_kd", "proxy_kd"))
+    train.add_argument("--iteration", type=int, default=None, help="train on data up to this iteration")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.md and plots")
+    report.add_argument("run_dir", type=Path)
+    export = sub.add_parser("export", help="export the training data")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
+    export.add_argument("--output", type=Path, default=None)
+
+    sim = sub.add_parser("sim-teacher", help="serve the simulated teacher (a stand-in, not a real teacher)")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--config", type=Path, default=None, help="take [sim] settings from this run config")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="e.g. --set sim.rpm=600 --set sim.fault_500=0.05")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return _dispatch(args, console)
+    except (ConfigError, TemplateError, StoreLockedError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return EXIT_BAD_INPUT
+    except BudgetExhausted as err:
+        console.print(f"[yellow]stopped:[/yellow] {err}\nEverything answered so far is stored; re-run "
+                      f"with a larger budget (e.g. --set budget.usd=...) to continue.", highlight=False)
+        return EXIT_BUDGET
+    except (AuthError, QuotaExceeded) as err:
+        console.print(f"[red]the provider refused:[/red] {err}. {_key_hint(args)}", highlight=False)
+        return EXIT_REFUSED
+    except StoreError as err:
+        console.print(f"[red]store error:[/red] {err}; no further paid calls were sent", highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        console.print("interrupted: everything answered so far is stored; re-run the same command to resume")
+        return EXIT_INTERRUPTED
+
+
+def _key_hint(args: argparse.Namespace) -> str:
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, AttributeError):
+        return ""
+    env = config.teacher.api_key_env
+    return f"Check the key in ${env} and the account's quota." if env else "Check the account's key and quota."
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "sim-teacher":
+        from agentkd.config import RunConfig, config_from_dict
+        from agentkd.teachers.sim import serve_forever
+
+        config = load_config(args.config, args.overrides) if args.config else config_from_dict(
+            _overrides_only(args.overrides), source="--set")
+        serve_forever(config.sim, port=args.port, seed=config.sim.seed or config.run.seed)
+        return EXIT_OK
+
+    if args.command in ("report", "export"):
+        return _run_dir_command(args, console)
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "teach":
+        from agentkd.teach import teach
+
+        rate = args.rationale_rate if args.rationale_rate is not None else config.loop.rationale_rate
+        summary = asyncio.run(teach(config, args.role, args.input, args.output, rationale_rate=rate,
+                                    mode=args.mode, show_progress=not args.no_progress, console=console))
+        print(summary.line(config.budget.usd))
+        if args.role == "explainer":
+            _print_kshot(config, args.input)
+        return EXIT_OK
+    if args.command == "estimate":
+        from agentkd.estimate import estimate
+
+        rate = args.rationale_rate if args.rationale_rate is not None else config.loop.rationale_rate
+        print(estimate(config, role=args.role, input_path=args.input, rationale_rate=rate))
+        return EXIT_OK
+    if args.command == "train":
+        from agentkd.training_run import train_command
+
+        print(train_command(config, objective=args.objective, iteration=args.iteration))
+        return EXIT_OK
+    if args.command == "run":
+        from agentkd.loop import run_loop
+
+        return run_loop(config, show_progress=not args.no_progress, console=console)
+    raise AssertionError(args.command)
+
+
+def _overrides_only(overrides: list[str]) -> dict:
+    from agentkd.config import apply_overrides
+
+    return apply_overrides({}, overrides)
+
+
+def _print_kshot(config, input_path: Path) -> None:
+    from agentkd.datasets import read_jsonl
+    from agentkd.roles.requests import RolePrompts
+    from agentkd.teach import kshot_comparison
+
+    prompts = RolePrompts(config)
+    rows = read_jsonl(input_path, ("instruction",))
+    zero, few = kshot_comparison(prompts, rows)
+    price = config.price(config.role("explainer").model)
+    usd = lambda tokens: tokens * len(rows) * price.input_per_mtok / 1e6  # noqa: E731
+    print(f"explainer prompt: {zero:.0f} tokens/row zero-shot vs ~{few:.0f} with 6 worked examples: "
+          f"input ${usd(zero):.4f} vs ${usd(few):.4f} for {len(rows)} rows ({1 - zero / few:.0%} saved)")
+
+
+def _run_dir_command(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "report":
+        from agentkd.report import write_report
+
+        path = write_report(args.run_dir)
+        print(f"wrote {path}")
+        return EXIT_OK
+    from agentkd.export import export_training_data
+
+    path, count = export_training_data(args.run_dir, fmt=args.format, output=args.output)
+    print(json.dumps({"output": str(path), "rows": count}))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

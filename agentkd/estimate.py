@@ -1,0 +1,86 @@
+"""`agentkd estimate`: what a `teach` run would send and cost, computed locally; nothing is sent.
+
+Input tokens are estimated per request exactly as the gateway reserves them; output is bounded by each
+role's max_tokens, so the USD figure is a range: input only .. worst case (what the budget reserves).
+Requests already answered in the run's database cost nothing and are counted apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agentkd.budget import Usage, cost_usd
+from agentkd.config import RunConfig
+from agentkd.datasets import read_jsonl
+from agentkd.roles.requests import RolePrompts
+from agentkd.store import Store
+from agentkd.teach import REQUIRED_FIELDS, rationale_selected
+from agentkd.teachers.base import TeacherRequest
+from agentkd.tokens import estimate_prompt
+
+
+def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: float) -> list[TeacherRequest]:
+    text = row["instruction"]
+    if role == "answerer":
+        return [prompts.answer(text)]
+    if role == "explainer":
+        gold = row.get("label") if isinstance(row.get("label"), str) else None
+        if gold is not None:
+            return [prompts.explain_given_label(text, gold)]
+        return [prompts.explain(text, with_rationale=rationale_selected(text, rationale_rate))]
+    if role == "referee":  # both orders; a re-ask after an unparseable judgment is not counted
+        return [prompts.judge(text, row["teacher_answer"], row["student_answer"]),
+                prompts.judge(text, row["student_answer"], row["teacher_answer"])]
+    return [prompts.generate(text, hard=(row.get("mode") or "hard") != "easy")]
+
+
+def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale_rate: float) -> str:
+    if input_path is None:
+        return _loop_estimate(config)
+    prompts = RolePrompts(config)
+    rows = read_jsonl(input_path, REQUIRED_FIELDS[role])
+    stored = _stored_keys(config)
+    calls = cached = input_tokens = max_output = 0
+    usd_low = usd_high = 0.0
+    estimators = set()
+    for row in rows:
+        for request in requests_for(prompts, role, row, rationale_rate):
+            if request.key in stored:
+                cached += 1
+                continue
+            estimate_ = estimate_prompt(request.messages, request.provider)
+            estimators.add(estimate_.estimator)
+            calls += 1
+            input_tokens += estimate_.tokens
+            max_output += request.max_tokens
+            price = config.price(request.model)
+            usd_low += cost_usd(price, Usage(estimate_.tokens, 0))
+            usd_high += cost_usd(price, Usage(estimate_.tokens, request.max_tokens))
+    lines = [
+        f"estimate for `agentkd teach --role {role}` over {len(rows)} rows of {input_path} (nothing sent):",
+        f"  calls to send:        {calls:,}   (already stored, free: {cached:,})",
+        f"  input tokens:         {input_tokens:,}   (estimator: {', '.join(sorted(estimators)) or '-'})",
+        f"  output tokens:        at most {max_output:,}",
+        f"  USD:                  ${usd_low:.4f} (input) .. ${usd_high:.4f} (worst case, what the budget reserves)",
+    ]
+    if config.budget.usd is not None:
+        verdict = "fits" if usd_high <= config.budget.usd else "may not fit"
+        lines.append(f"  budget:               ${config.budget.usd:g}: the worst case {verdict}")
+    return "\n".join(lines)
+
+
+def _stored_keys(config: RunConfig) -> set[str]:
+    path = config.run_dir / "agentkd.duckdb"
+    if not path.exists():
+        return set()
+    store = Store(path, read_only=True)
+    try:
+        return store.ok_call_keys()
+    finally:
+        store.close_sync()
+
+
+def _loop_estimate(config: RunConfig) -> str:
+    from agentkd.loop_plan import plan_calls
+
+    return plan_calls(config)

@@ -1,0 +1,68 @@
+"""Role calls through the gateway: one async function per role, returning typed, parsed results.
+
+Used by `agentkd teach` and by the Lion loop alike. A reply that does not parse is a result with a
+reason, never an exception; only the gateway's own errors (budget, auth, a skipped call) propagate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentkd.gateway import Completion, Gateway
+from agentkd.roles.explainer import Explanation, parse_explanation, parse_rationale
+from agentkd.roles.generator import Generated, parse_generated
+from agentkd.roles.referee import Judgment, Verdict, combine_orders, parse_judgment
+from agentkd.roles.requests import RolePrompts
+
+
+async def answer(gateway: Gateway, prompts: RolePrompts, instruction: str) -> Completion:
+    return await gateway.complete(prompts.answer(instruction))
+
+
+async def explain(gateway: Gateway, prompts: RolePrompts, text: str, *, with_rationale: bool = True,
+                  gold_label: str | None = None) -> tuple[Explanation, Completion]:
+    """Zero-shot label + reason; with a gold label only the reason is asked (rationalisation)."""
+    if gold_label is not None:
+        completion = await gateway.complete(prompts.explain_given_label(text, gold_label))
+        return parse_rationale(completion.text, gold_label, prompts.task), completion
+    completion = await gateway.complete(prompts.explain(text, with_rationale=with_rationale))
+    return parse_explanation(completion.text, prompts.task), completion
+
+
+@dataclass
+class JudgedPair:
+    verdict: Verdict
+    teacher_first: Judgment
+    student_first: Judgment
+    keys: tuple[str, str]
+    cost_usd: float
+
+
+async def judge(gateway: Gateway, prompts: RolePrompts, instruction: str, teacher_answer: str,
+                student_answer: str, *, tau: float) -> JudgedPair:
+    """Lion's referee in BOTH orders; an order that does not parse is asked once more, then unscored."""
+    first, key_1, cost_1 = await _judge_once(gateway, prompts, instruction, teacher_answer, student_answer)
+    second, key_2, cost_2 = await _judge_once(gateway, prompts, instruction, student_answer, teacher_answer)
+    return JudgedPair(combine_orders(first, second, tau), first, second, (key_1, key_2), cost_1 + cost_2)
+
+
+async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, answer_a: str,
+                      answer_b: str) -> tuple[Judgment, str, float]:
+    cost = 0.0
+    for sample in (0, 1):
+        completion = await gateway.complete(prompts.judge(instruction, answer_a, answer_b, sample=sample))
+        cost += completion.cost_usd
+        judgment = parse_judgment(completion.text)
+        if judgment.ok:
+            break
+    return judgment, completion.key, cost
+
+
+async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str, *, hard: bool,
+                   failed_answer: str | None = None, referee_comparison: str | None = None,
+                   sample: int = 0) -> tuple[Generated, Completion]:
+    """One new instruction from one seed (Lion): hard = same kind and difficulty, easy = rarer."""
+    request = prompts.generate(seed_instruction, hard=hard, failed_answer=failed_answer,
+                               referee_comparison=referee_comparison, sample=sample)
+    completion = await gateway.complete(request)
+    return parse_generated(completion.text, completion.finish_reason), completion

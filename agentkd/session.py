@@ -1,0 +1,64 @@
+"""Everything a command needs to talk to teachers: the run folder, store, budget, gateway, prompts.
+
+When the config names the simulated teacher and no base_url, the sim is started in-process on
+loopback for the duration of the session (it is a stand-in, never a real teacher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from agentkd.budget import Budget
+from agentkd.config import RunConfig, dump_config
+from agentkd.gateway import Gateway
+from agentkd.roles.requests import RolePrompts
+from agentkd.store import Store
+from agentkd.teachers import build_teachers, endpoints
+
+
+@dataclass
+class TeacherSession:
+    config: RunConfig
+    store: Store
+    gateway: Gateway
+    prompts: RolePrompts
+
+
+def uses_embedded_sim(config: RunConfig) -> bool:
+    providers = {config.teacher.provider} | {r.provider for r in config.roles.values() if r.provider}
+    return "sim" in providers and not config.teacher.base_url
+
+
+@asynccontextmanager
+async def teacher_session(config: RunConfig) -> AsyncIterator[TeacherSession]:
+    prompts = RolePrompts(config)  # bad prompt files fail before anything is opened
+    sim = None
+    sim_url = None
+    if uses_embedded_sim(config):
+        from agentkd.teachers.sim import SimTeacher
+
+        sim = SimTeacher(config.sim, seed=config.sim.seed if config.sim.seed is not None else config.run.seed)
+        sim_url = await sim.start()
+    try:
+        endpoints(config, sim_url or "http://127.0.0.1:0")  # config errors before the store opens
+        run_dir = config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.json")
+        store = Store(run_dir / "agentkd.duckdb")
+        try:
+            teachers = build_teachers(config, sim_url)
+            budget = Budget(usd=config.budget.usd, tokens=config.budget.tokens, price_of=config.price)
+            gateway = Gateway(teachers=teachers, store=store, budget=budget, limits=config.limits,
+                              seed=config.run.seed)
+            await gateway.start()
+            try:
+                yield TeacherSession(config, store, gateway, prompts)
+            finally:
+                await gateway.aclose()
+        finally:
+            await store.close()
+    finally:
+        if sim is not None:
+            await sim.stop()

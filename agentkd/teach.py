@@ -1,0 +1,247 @@
+"""`agentkd teach`: one role over a JSONL dataset through the gateway, resumable, with live cost.
+
+Every answered call is in the run's DuckDB file, so a re-run (after Ctrl-C, a crash or a budget stop)
+pays nothing for rows already answered and writes the full output again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agentkd.budget import BudgetExhausted
+from agentkd.config import ConfigError, RunConfig
+from agentkd.datasets import read_jsonl, write_jsonl
+from agentkd.dedup import InstructionIndex, instruction_id
+from agentkd.gateway import CallFailed
+from agentkd.retry import Deferred
+from agentkd.roles import calls
+from agentkd.session import TeacherSession, teacher_session
+from agentkd.store import StoreError
+from agentkd.teachers.base import TeacherError
+from agentkd.tokens import estimate_prompt
+
+MAX_DEFERRALS = 3
+REQUIRED_FIELDS = {
+    "answerer": ("instruction",),
+    "explainer": ("instruction",),
+    "referee": ("instruction", "teacher_answer", "student_answer"),
+    "generator": ("instruction",),
+}
+
+
+@dataclass
+class TeachSummary:
+    role: str
+    total: int
+    done: int = 0
+    failed: Counter = field(default_factory=Counter)
+    parse_failures: int = 0
+    deferred: int = 0
+    usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_hits: int = 0
+    rate_limited: int = 0
+    seconds: float = 0.0
+    stopped_by: str | None = None  # "budget" | "interrupted" | an error class
+
+    def line(self, budget_usd: float | None) -> str:
+        cap = f" of ${budget_usd:g}" if budget_usd is not None else ""
+        failed = sum(self.failed.values())
+        classes = f" ({', '.join(f'{k}: {v}' for k, v in self.failed.items())})" if failed else ""
+        rps = (self.done + failed) / self.seconds if self.seconds else 0.0
+        return (f"{self.role}: {self.done}/{self.total} done, {failed} failed{classes}, "
+                f"{self.parse_failures} parse failures, {self.deferred} deferred | ${self.usd:.4f}{cap} | "
+                f"{self.input_tokens:,} in + {self.output_tokens:,} out tokens | {rps:.1f} rows/s | "
+                f"429s: {self.rate_limited} | answered from the store: {self.cache_hits}")
+
+
+def rationale_selected(text: str, rate: float) -> bool:
+    """Partial rationale augmentation (XR): a stable choice per row, so a resumed run picks the same rows."""
+    if rate >= 1.0:
+        return True
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < rate
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[str, Any]], *,
+              rationale_rate: float, mode: str, tau: float) -> Handler:
+    gateway, prompts = session.gateway, session.prompts
+    role = summary.role
+
+    def account(*completions) -> None:
+        for c in completions:
+            summary.usd += c.cost_usd
+            if not c.from_cache:
+                summary.input_tokens += c.input_tokens
+                summary.output_tokens += c.output_tokens
+
+    if role == "answerer":
+        async def handle(row):
+            c = await calls.answer(gateway, prompts, row["instruction"])
+            account(c)
+            return {"answer": c.text, "truncated": c.truncated}
+        return handle
+
+    if role == "explainer":
+        async def handle(row):
+            gold = row.get("label") if isinstance(row.get("label"), str) else None
+            with_rationale = gold is not None or rationale_selected(row["instruction"], rationale_rate)
+            explanation, c = await calls.explain(gateway, prompts, row["instruction"],
+                                                 with_rationale=with_rationale, gold_label=gold)
+            account(c)
+            summary.parse_failures += explanation.label is None
+            session.store.submit("rationales", [{
+                "example_id": instruction_id(row["instruction"]), "label": explanation.label,
+                "rationale": explanation.rationale, "parsed_ok": explanation.label is not None,
+                "reason": explanation.reason, "call_key": c.key}])
+            return {"label": explanation.label, "rationale": explanation.rationale,
+                    "parsed_ok": explanation.label is not None, "parse_reason": explanation.reason}
+        return handle
+
+    if role == "referee":
+        async def handle(row):
+            pair = await calls.judge(gateway, prompts, row["instruction"], row["teacher_answer"],
+                                     row["student_answer"], tau=tau)
+            summary.usd += pair.cost_usd
+            summary.parse_failures += (not pair.teacher_first.ok) + (not pair.student_first.ok)
+            v = pair.verdict
+            return {"teacher_score": v.teacher_score, "student_score": v.student_score, "verdict": v.label,
+                    "order_disagreement": v.order_disagreement, "unscored_reason": v.reason}
+        return handle
+
+    # generator: the dedup index starts with every input instruction and grows with each acceptance
+    index = InstructionIndex(threshold=session.config.loop.rouge_max, texts=[r["instruction"] for r in rows])
+
+    async def handle(row):
+        hard = (row.get("mode") or mode) != "easy"
+        generated, c = await calls.generate(gateway, prompts, row["instruction"], hard=hard)
+        account(c)
+        out: dict[str, Any] = {"new_instruction": generated.instruction, "accepted": False,
+                               "reject_reason": generated.reason, "rouge_nearest": None}
+        if not generated.ok:
+            summary.parse_failures += 1
+            return out
+        accepted, score = index.add_if_new(generated.instruction)
+        out.update(accepted=accepted, rouge_nearest=round(score, 4),
+                   reject_reason=None if accepted else f"near-duplicate (ROUGE-L {score:.2f})")
+        return out
+    return handle
+
+
+async def teach(config: RunConfig, role: str, input_path: Path, output_path: Path, *,
+                rationale_rate: float = 1.0, mode: str = "hard", show_progress: bool = True,
+                console: Console | None = None) -> TeachSummary:
+    rows = read_jsonl(input_path, REQUIRED_FIELDS[role])  # every line checked before any call
+    if not 0.0 <= rationale_rate <= 1.0:
+        raise ConfigError(f"--rationale-rate {rationale_rate}: must be between 0 and 1")
+    summary = TeachSummary(role=role, total=len(rows))
+    results: dict[int, dict[str, Any]] = {}
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    async with teacher_session(config) as session:
+        handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
+                           tau=config.loop.tau)
+        try:
+            await _run_rows(session, rows, handle, results, summary, show_progress, console)
+        finally:
+            summary.seconds = time.monotonic() - started
+            summary.cache_hits = session.gateway.stats.cache_hits
+            summary.rate_limited = session.gateway.stats.rate_limited
+            # Rows in input order; rows not reached are left out and a re-run completes them.
+            write_jsonl(output_path, (results[i] for i in sorted(results)))
+    return summary
+
+
+async def _run_rows(session: TeacherSession, rows: list[dict[str, Any]], handle: Handler,
+                    results: dict[int, dict[str, Any]], summary: TeachSummary, show_progress: bool,
+                    console: Console) -> None:
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for i in range(len(rows)):
+        queue.put_nowait((i, 0))
+    remaining = len(rows)
+    finished = asyncio.Event()
+    stop: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    budget = session.gateway.budget
+
+    progress = Progress(TextColumn(f"[bold]{summary.role}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[spend]}"), TextColumn("{task.fields[rate]}"),
+                        TextColumn("429s {task.fields[limited]}"), TimeElapsedColumn(),
+                        console=console, disable=not show_progress)
+    task_id = progress.add_task("teach", total=len(rows), spend="", rate="", limited=0)
+
+    def advance() -> None:
+        nonlocal remaining
+        remaining -= 1
+        elapsed = max(time.monotonic() - session.gateway.stats.started, 1e-9)
+        cap = f"/${budget.cap_usd:g}" if budget.cap_usd is not None else ""
+        progress.update(task_id, advance=1, spend=f"${budget.settled_usd:.4f}{cap}",
+                        rate=f"{session.gateway.stats.sent / elapsed:.1f} req/s",
+                        limited=session.gateway.stats.rate_limited)
+        if remaining == 0:
+            finished.set()
+
+    async def worker() -> None:
+        while True:
+            index, deferrals = await queue.get()
+            row = rows[index]
+            try:
+                added = await handle(row)
+            except Deferred as deferred:
+                summary.deferred += 1
+                if deferrals < MAX_DEFERRALS:
+                    # Back of the line after the wait the provider asked for; the slot is free meanwhile.
+                    loop.call_later(deferred.wait_s, queue.put_nowait, (index, deferrals + 1))
+                    continue
+                summary.failed[deferred.cause.error_class] += 1
+                results[index] = {**row, "error": deferred.cause.error_class}
+            except CallFailed as failed:
+                summary.failed[failed.error.error_class] += 1
+                results[index] = {**row, "error": failed.error.error_class}
+            except (BudgetExhausted, StoreError, TeacherError) as err:
+                stop.append(err)
+                finished.set()
+                return
+            else:
+                summary.done += 1
+                results[index] = {**row, **added}
+            advance()
+
+    workers = [asyncio.create_task(worker()) for _ in range(session.config.limits.max_concurrency)]
+    try:
+        with progress:
+            await finished.wait()
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    if stop:
+        raise stop[0]
+
+
+TYPICAL_REASON = ("a one-sentence explanation of about twenty words that names the key fact of the input "
+                  "and shows how it leads to the chosen label.")
+
+
+def kshot_comparison(prompts, rows: list[dict[str, Any]], k: int = 6) -> tuple[float, float]:
+    """Mean prompt tokens per row: zero-shot (what we send) vs with k worked examples (few-shot)."""
+    sample = rows[:200]
+    requests = [prompts.explain(r["instruction"]) for r in sample]
+    zero = sum(estimate_prompt(q.messages, q.provider).tokens for q in requests) / len(requests)
+    demos = [{"role": "user", "content": f"Input: {r['instruction']}\nLabel: x\nReason: {TYPICAL_REASON}"}
+             for r in sample]
+    per_demo = sum(estimate_prompt((d,), requests[0].provider).tokens for d in demos) / len(demos)
+    return zero, zero + k * per_demo
