@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from agentkd.teachers.sim.world import (
     KINDS,
     Problem,
+    final_number,
     make_problem,
     parse_steps,
     rarer_kind,
     slipped_answer,
     solve,
     worked_answer,
-    final_number,
 )
 
 _BLOCK = re.compile(r'<data name="(?P<name>[A-Za-z_][A-Za-z0-9_]*)">\n?(?P<body>.*?)\n?</data>', re.DOTALL)

@@ -134,7 +134,7 @@ def make_problem(rng: random.Random, kind: str, steps: int, digits: int) -> Prob
         else:
             n = _operand(rng, digits)
             if op in ("subtract", "fewer_than"):
-                n = min(n, value) if n <= value else rng.randint(1, value)
+                n = n if n <= value else rng.randint(1, value)
         other = names.pop() if op in ("more_than", "fewer_than", "times_as_many") else who
         sentences.append(_sentence(op, who, other, n, item, rng))
         value = _apply(op, value, n)
