@@ -6,8 +6,11 @@ the same body builders and parsers as the aiohttp transport, so both transports 
 
 from __future__ import annotations
 
+from typing import Any
+
 import anthropic
 import openai
+import pydantic
 
 from agentkd.teachers.base import (
     ConnectFailed,
@@ -31,7 +34,7 @@ class OpenAISDKTeacher:
         body = openai_body(request, self.provider)
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**body, timeout=timeout_s)
-            data = raw.parse().model_dump()
+            data = _as_dict(raw.parse(), raw.headers)
         except openai.APIStatusError as err:
             raise error_for_status(err.status_code, err.response.text,
                                    rate_limit_headers(err.response.headers)) from None
@@ -62,7 +65,7 @@ class AnthropicSDKTeacher:
         try:
             raw = await self._client.messages.with_raw_response.create(**body, extra_body=extra_body,
                                                                        timeout=timeout_s)
-            data = (await raw.parse()).model_dump()
+            data = _as_dict(await raw.parse(), raw.headers)
         except anthropic.APIStatusError as err:
             raise error_for_status(err.status_code, err.response.text,
                                    rate_limit_headers(err.response.headers)) from None
@@ -79,6 +82,14 @@ class AnthropicSDKTeacher:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _as_dict(parsed: object, headers: Any) -> dict[str, Any]:
+    """The SDK's parsed model as a dict; a 200 that was not JSON (a proxy's HTML page) comes back as str."""
+    if isinstance(parsed, pydantic.BaseModel):
+        return parsed.model_dump()
+    raise MalformedResponse("200 with a body that is not JSON", status=200, headers=rate_limit_headers(headers),
+                            snippet=str(parsed)[:500])
 
 
 def _connection_error(err: Exception) -> ConnectFailed | MalformedResponse:

@@ -173,7 +173,11 @@ def parse_anthropic(data: dict[str, Any], raw: str) -> TeacherReply:
     input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
     if input_tokens is None or output_tokens is None:
         raise IncompleteResponse("200 without token counts", snippet=raw[:500])
-    text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    texts = [b.get("text") for b in content if isinstance(b, dict) and b.get("type") == "text"]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        # The messages analogue of "200 without choices": billed, nothing to store (RELIABILITY.md 12).
+        raise IncompleteResponse("200 without a text content block", snippet=raw[:500])
+    text = "".join(texts)
     cached = _int(usage.get("cache_read_input_tokens")) or 0
     created = _int(usage.get("cache_creation_input_tokens")) or 0
     stop = str(data.get("stop_reason") or "stop")

@@ -1,0 +1,440 @@
+"""RELIABILITY.md faults 1-17 and 20 over real HTTP: the loopback sim, the real Gateway and a real Store.
+
+Each case runs through the default aiohttp transport and the official SDK adapters, in the OpenAI
+chat-completions and the Anthropic messages wire formats, and checks three things besides the answer:
+what the store holds (calls, attempts, the reservations ledger), what the sim billed (no key twice) and
+that the budget's in-memory ledger agrees with the stored one. Waits go through a FakeClock: no test
+waits on the wall clock for a Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import itertools
+import socket
+import time
+
+import pytest
+
+from agentkd.budget import Budget, BudgetExhausted
+from agentkd.config import SIM_PRICE, LimitsSection, PriceSection, SimSection
+from agentkd.gateway import CallFailed, Gateway, spent_in_store
+from agentkd.retry import Deferred
+from agentkd.store import Store
+from agentkd.teachers.base import AuthError, QuotaExceeded, TeacherRequest
+from agentkd.teachers.sdk import AnthropicSDKTeacher, OpenAISDKTeacher
+from agentkd.teachers.sim import SimTeacher
+from agentkd.teachers.wire import WireTeacher
+from tests.gateway_fakes import FakeClock
+
+TRANSPORTS = ["wire-openai", "wire-anthropic", "sdk-openai", "sdk-anthropic"]
+_texts = itertools.count()
+
+
+def make_teacher(kind: str, base_url: str, api_key: str | None = None):
+    transport, wire = kind.split("-")
+    if wire == "openai":
+        url = base_url + "/v1"
+        if transport == "wire":
+            return WireTeacher(provider="sim", wire="openai", base_url=url, api_key=api_key)
+        return OpenAISDKTeacher(provider="sim", base_url=url, api_key=api_key)
+    if transport == "wire":
+        return WireTeacher(provider="anthropic", wire="anthropic", base_url=base_url, api_key=api_key)
+    return AnthropicSDKTeacher(base_url=base_url, api_key=api_key)
+
+
+def make_request(provider: str, text: str | None = None, max_tokens: int = 64) -> TeacherRequest:
+    text = text or f"Tom has {next(_texts) + 3} apples and buys 4 more. How many apples does he have?"
+    return TeacherRequest(role="answerer", provider=provider, model="sim-teacher-1",
+                          messages=({"role": "user", "content": text},), temperature=0.0,
+                          max_tokens=max_tokens, prompt_version="v1")
+
+
+class Rig:
+    """A sim on this event loop, one teacher, a gateway over a tmp DuckDB file, a fake clock."""
+
+    def __init__(self, tmp_path, kind: str, *, sim: dict | None = None, usd: float | None = None,
+                 tokens: int | None = None, price: PriceSection = SIM_PRICE, api_key: str | None = None,
+                 **limits) -> None:
+        self.tmp_path, self.kind, self.path = tmp_path, kind, tmp_path / "run.duckdb"
+        self.sim = SimTeacher(SimSection(error_rate=0.0, **(sim or {})), seed=1)
+        self.clock = FakeClock()
+        self.usd, self.tokens, self.price, self.api_key = usd, tokens, price, api_key
+        self.limits = LimitsSection(**{"max_attempts": 4, "timeout_s": 5.0, **limits})
+
+    async def start(self, base_url: str | None = None) -> Rig:
+        url = await self.sim.start() if base_url is None else base_url
+        self.teacher = make_teacher(self.kind, url, self.api_key)
+        self.provider = self.teacher.provider
+        self.store = Store(self.path)
+        self.budget = Budget(usd=self.usd, tokens=self.tokens, price_of=lambda model: self.price)
+        self.gateway = Gateway(teachers={self.provider: self.teacher}, store=self.store, budget=self.budget,
+                               limits=self.limits, clock=self.clock, sleep=self.clock.sleep)
+        await self.gateway.start()
+        return self
+
+    def request(self, text: str | None = None, max_tokens: int = 64) -> TeacherRequest:
+        return make_request(self.provider, text, max_tokens)
+
+    async def finish(self, *, within_cap: bool = True) -> Store:
+        """Close everything, check the ledgers, and reopen the file read-only for the test's queries."""
+        await self.gateway.aclose()
+        await self.store.close()
+        await self.sim.stop()
+        store = Store(self.path, read_only=True)
+        check_ledger(store, self.budget, within_cap=within_cap)
+        return store
+
+
+def check_ledger(store: Store, budget: Budget, *, within_cap: bool = True) -> None:
+    """Every reservation is opened once and closed once, and the stored ledger matches the budget."""
+    per_id = store.query(
+        "SELECT reservation_id, count(*) FILTER (event = 'reserve'), "
+        "count(*) FILTER (event IN ('settle', 'release')) FROM reservations GROUP BY reservation_id"
+    )
+    assert all(opened == 1 and closed == 1 for _, opened, closed in per_id), per_id
+    assert abs(budget.reserved_usd) < 1e-12 and budget.reserved_tokens == 0
+    usd, tokens = spent_in_store(store)
+    assert usd == pytest.approx(budget.settled_usd, abs=1e-12) and tokens == budget.settled_tokens
+    if budget.cap_usd is not None and within_cap:
+        assert budget.settled_usd <= budget.cap_usd + 1e-12
+
+
+def billed_twice(sim: SimTeacher) -> list[str]:
+    return [key for key, n in sim.billed_by_key.items() if n > 1]
+
+
+def calls(store: Store) -> list[dict]:
+    return store.query_dicts("SELECT * FROM calls ORDER BY created_at")
+
+
+def attempts(store: Store) -> list[tuple]:
+    return store.query("SELECT attempt, status_code, error_class FROM attempts ORDER BY attempt")
+
+
+def ledger(store: Store) -> list[tuple]:
+    return store.query("SELECT event, usd, tokens FROM reservations WHERE event <> 'reserve' "
+                       "ORDER BY created_at, reservation_id")
+
+
+@pytest.fixture
+async def rigs():
+    made: list[Rig] = []
+
+    async def make(tmp_path, kind, **kw) -> Rig:
+        rig = await Rig(tmp_path, kind, **kw).start()
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:  # a failed test still stops its server
+        await rig.sim.stop()
+
+
+# ---- 1, 2, 3: rate limits and Retry-After ---------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_429_retry_after_3_is_waited_on_the_injected_clock(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"status": 429, "headers": {"retry-after": "3"}}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.attempts == 2 and result.text
+    assert rig.clock.sleeps and max(rig.clock.sleeps) >= 3.0 and sum(rig.clock.sleeps) >= 3.0
+    store = await rig.finish()
+    assert [(c["status"], c["attempts"]) for c in calls(store)] == [("ok", 2)]
+    assert attempts(store) == [(1, 429, "RateLimited"), (2, 200, None)]
+    assert [e for e, _, _ in ledger(store)] == ["release", "settle"]  # a 429 is not billed
+    assert rig.sim.status_counts["429"] == 1 and billed_twice(rig.sim) == []
+
+
+def _http_date(seconds_from_now: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+@pytest.mark.parametrize("headers, low, high", [
+    ({"retry-after-ms": "1500"}, 1.5, 1.5),
+    ({"retry-after": "2", "retry-after-ms": "junk"}, 2.0, 2.0),
+    ({"retry-after": "__date__"}, 3.0, 5.0),
+    ({"retry-after": "inf"}, 0.5, 1.0),
+    ({"retry-after": "nan"}, 0.5, 1.0),
+    ({"retry-after": "-10"}, 0.5, 1.0),
+    ({"retry-after": "soon", "retry-after-ms": "-5"}, 0.5, 1.0),
+])
+async def test_retry_after_header_if_sane_else_backoff(tmp_path, rigs, headers, low, high):
+    headers = {k: (_http_date(5) if v == "__date__" else v) for k, v in headers.items()}
+    rig = await rigs(tmp_path, "wire-openai")
+    rig.sim.script([{"status": 429, "headers": headers}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.attempts == 2
+    retry_wait = rig.clock.sleeps[0]  # the limiter's pause after the 429 is the retry's wait
+    assert low - 1e-9 <= retry_wait <= high + 1e-9
+    await rig.finish()
+
+
+@pytest.mark.parametrize("kind", ["wire-openai", "sdk-anthropic"])
+async def test_retry_after_past_max_wait_defers_the_item_and_frees_the_slot(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind, max_wait_s=60.0, max_concurrency=1)
+    rig.sim.script([{"status": 429, "headers": {"retry-after": "3600"}}])
+    with pytest.raises(Deferred) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.wait_s == 3600 and rig.clock.sleeps == []
+    # The one concurrency slot is free again: another item goes through at once.
+    assert (await asyncio.wait_for(rig.gateway.complete(rig.request()), 5)).attempts == 1
+    store = await rig.finish()
+    assert [c["status"] for c in calls(store)] == ["ok"]  # the deferred item is not stored as failed
+    assert sorted(e for e, _, _ in ledger(store)) == ["release", "settle"]
+
+
+# ---- 4: quota is not a rate limit ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_insufficient_quota_stops_at_once_with_zero_retries(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"status": 429, "code": "insufficient_quota"}])
+    with pytest.raises(QuotaExceeded) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.fatal and rig.sim.requests == 1 and rig.clock.sleeps == []
+    store = await rig.finish()
+    rows = calls(store)
+    assert [(c["status"], c["attempts"], c["error_class"]) for c in rows] == [("error", 1, "QuotaExceeded")]
+    assert [e for e, _, _ in ledger(store)] == ["release"]
+
+
+# ---- 5, 6, 7: server errors, overload, bad requests ------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_500_500_200_is_one_stored_row_with_three_attempts(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"status": 500}, {"status": 500}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.attempts == 3
+    store = await rig.finish()
+    assert [(c["status"], c["attempts"]) for c in calls(store)] == [("ok", 3)]
+    assert attempts(store) == [(1, 500, "ServerError"), (2, 500, "ServerError"), (3, 200, None)]
+    assert [e for e, _, _ in ledger(store)] == ["release", "release", "settle"]
+    assert rig.sim.billed_requests == 1 and billed_twice(rig.sim) == []
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize("status", [503, 529])
+async def test_overload_past_max_attempts_skips_the_item_and_the_run_goes_on(tmp_path, rigs, kind, status):
+    rig = await rigs(tmp_path, kind, max_attempts=3)
+    rig.sim.script([{"status": status}] * 3)
+    with pytest.raises(CallFailed) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.error.error_class == "Overloaded" and info.value.attempts == 3
+    assert (await rig.gateway.complete(rig.request())).attempts == 1
+    store = await rig.finish()
+    rows = calls(store)
+    assert [(c["status"], c["attempts"], c["error_class"]) for c in rows] == [
+        ("error", 3, "Overloaded"), ("ok", 1, None)]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize("fault", [
+    {"status": 400}, {"status": 404}, {"status": 422},
+    {"status": 500, "headers": {"x-should-retry": "false"}},
+    {"status": 429, "headers": {"x-should-retry": "false"}},
+])
+async def test_bad_request_is_skipped_without_retry(tmp_path, rigs, kind, fault):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([fault])
+    with pytest.raises(CallFailed) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.error.error_class == "BadRequest" and not info.value.error.fatal
+    assert rig.sim.requests == 1 and rig.clock.sleeps == []
+    store = await rig.finish()
+    assert [(c["status"], c["attempts"]) for c in calls(store)] == [("error", 1)]
+
+
+# ---- 8: auth --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_wrong_key_is_a_fatal_auth_error_that_never_shows_the_key(tmp_path, rigs, kind):
+    sent = "sk-wrong-0123456789abcdef"
+    rig = await rigs(tmp_path, kind, sim={"require_api_key": "sk-right-key"}, api_key=sent)
+    with pytest.raises(AuthError) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.fatal and info.value.status == 401 and rig.sim.requests == 1
+    for text in (str(info.value), repr(info.value), info.value.snippet or ""):
+        assert sent not in text and "sk-right-key" not in text
+    store = await rig.finish()
+    assert [(c["error_class"], c["attempts"]) for c in calls(store)] == [("AuthError", 1)]
+    assert sent not in str(store.query("SELECT * FROM calls"))
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_403_is_fatal(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"status": 403}])
+    with pytest.raises(AuthError):
+        await rig.gateway.complete(rig.request())
+    assert rig.sim.requests == 1
+    await rig.finish()
+
+
+# ---- 9, 10: connection refused, read timeout --------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_connection_refused_is_retried_and_its_reservation_released(tmp_path, kind):
+    port = _free_port()
+    rig = Rig(tmp_path, kind, sim={"port": port})
+    await rig.start(base_url=f"http://127.0.0.1:{port}")  # nothing listens there yet
+    started = []
+
+    async def sleep_then_start_server(seconds: float) -> None:
+        await FakeClock.sleep(rig.clock, seconds)
+        if not started:
+            started.append(await rig.sim.start())
+
+    rig.gateway._sleep = sleep_then_start_server  # the retry's wait is when the server comes up
+    rig.gateway.limiter._sleep = sleep_then_start_server
+    try:
+        result = await rig.gateway.complete(rig.request())
+    finally:
+        await rig.sim.stop()
+    assert result.attempts == 2 and started
+    store = await rig.finish()
+    assert attempts(store) == [(1, None, "ConnectFailed"), (2, 200, None)]
+    assert [e for e, _, _ in ledger(store)] == ["release", "settle"]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_read_timeout_settles_at_the_reservation_then_retries(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind, timeout_s=0.3)
+    rig.sim.script([{"kind": "slow", "seconds": 1.0}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.attempts == 2
+    store = await rig.finish()
+    reserved = store.query("SELECT usd, tokens FROM reservations WHERE event = 'reserve' "
+                           "ORDER BY created_at LIMIT 1")[0]
+    first, second = ledger(store)
+    assert first == ("settle", reserved[0], reserved[1])  # may have been billed: charged in full
+    assert second[0] == "settle" and second[1] < reserved[0]
+    assert attempts(store)[0] == (1, None, "ReadTimeout")
+
+
+# ---- 11, 13: broken bodies -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize("fault", ["drop", "truncated", "html"])
+async def test_broken_body_is_retried_and_never_stored_as_complete(tmp_path, rigs, kind, fault):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"kind": fault}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.attempts == 2 and result.text
+    store = await rig.finish()
+    assert [(c["status"], c["attempts"]) for c in calls(store)] == [("ok", 2)]
+    assert attempts(store)[0][2] == "MalformedResponse"
+    first_close = ledger(store)[0]
+    # drop and truncated were billed by the provider: the reservation is charged; html was not sent
+    # by the model, but we cannot know that, so it is charged too.
+    assert first_close[0] == "settle"
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_broken_body_past_max_attempts_stores_a_raw_snippet(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind, max_attempts=2)
+    rig.sim.script([{"kind": "truncated"}, {"kind": "html"}])
+    with pytest.raises(CallFailed):
+        await rig.gateway.complete(rig.request())
+    store = await rig.finish()
+    (row,) = calls(store)
+    assert row["status"] == "error" and row["error_class"] == "MalformedResponse" and row["attempts"] == 2
+    if kind.startswith("wire"):  # the SDKs parse the body themselves and keep no raw bytes for us
+        assert "502 Bad Gateway" in row["error_detail"]
+
+
+# ---- 12, 14: incomplete and truncated replies ---------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize("fault", ["no_usage", "no_choices"])
+async def test_200_without_usage_or_content_is_charged_and_skipped(tmp_path, rigs, kind, fault):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"kind": fault}])
+    with pytest.raises(CallFailed) as info:
+        await rig.gateway.complete(rig.request())
+    assert info.value.error.error_class == "IncompleteResponse" and rig.sim.requests == 1
+    store = await rig.finish()
+    reserve = store.query("SELECT usd FROM reservations WHERE event = 'reserve'")[0][0]
+    assert ledger(store) == [("settle", reserve, pytest.approx(ledger(store)[0][2]))]
+    assert [(c["status"], c["attempts"], c["error_class"]) for c in calls(store)] == [
+        ("error", 1, "IncompleteResponse")]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_length_stop_is_stored_as_truncated(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"kind": "length"}])
+    result = await rig.gateway.complete(rig.request())
+    assert result.truncated and result.finish_reason == "length"
+    store = await rig.finish()
+    assert [(c["status"], c["truncated"], c["finish_reason"]) for c in calls(store)] == [("ok", True, "length")]
+
+
+# ---- 15, 16: single flight, cancellation ------------------------------------------------------------
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_concurrent_identical_requests_make_one_upstream_call(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind, sim={"latency_ms": 50.0})
+    request = rig.request()
+    results = await asyncio.gather(*(rig.gateway.complete(request) for _ in range(25)))
+    assert rig.sim.requests == 1 and len({r.text for r in results}) == 1
+    assert (await rig.gateway.complete(request)).from_cache and rig.sim.requests == 1
+    store = await rig.finish()
+    assert len(calls(store)) == 1
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_cancel_mid_call_settles_the_reservation_and_resumes_cleanly(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind)
+    rig.sim.script([{"kind": "slow", "seconds": 0.5}])
+    request = rig.request()
+    task = asyncio.create_task(rig.gateway.complete(request))
+    while rig.sim.requests == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert rig.budget.reserved_usd == pytest.approx(0.0, abs=1e-12) and rig.budget.settled_usd > 0
+    store = await rig.finish()  # closes cleanly; ledger checked
+    assert calls(store) == [] and [e for e, _, _ in ledger(store)] == ["settle"]
+    store.close_sync()
+    # Resume: a new process on the same file answers the item, counting what the cancelled call may cost.
+    rig2 = await Rig(tmp_path, kind).start()
+    try:
+        assert rig2.budget.settled_usd == pytest.approx(rig.budget.settled_usd)
+        assert (await rig2.gateway.complete(request)).attempts == 1
+    finally:
+        await rig2.finish()
+
+
+# ---- 20: usage above the reservation -----------------------------------------------------------------
+async def test_usage_above_reservation_overshoots_by_the_estimate_error_and_stops_admission(tmp_path, rigs):
+    # Dense punctuation: the sim counts every symbol as a token, the estimate is far lower, so each
+    # call's usage exceeds its reservation. The budget fits a handful of calls.
+    price = PriceSection(input_per_mtok=1_000.0, output_per_mtok=1_000.0)  # $0.001 per token
+    rig = await rigs(tmp_path, "wire-openai", usd=1.0, price=price, max_concurrency=4)
+    dense = [rig.request("+-*/" * 60 + f" {i}?", max_tokens=16) for i in range(40)]
+    results = await asyncio.gather(*(rig.gateway.complete(r) for r in dense), return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BudgetExhausted)]
+    assert ok and refused and len(ok) + len(refused) == len(dense)
+    store = await rig.finish(within_cap=False)
+    pairs = store.query(
+        "SELECT r.usd, s.usd FROM reservations r JOIN reservations s USING (reservation_id) "
+        "WHERE r.event = 'reserve' AND s.event = 'settle'")
+    assert len(pairs) == len(ok) == rig.sim.requests  # nothing was sent without a reservation
+    assert all(settled > reserved for reserved, settled in pairs)  # every call cost more than reserved
+    # Which reservations were still open when the last one was admitted: only their estimate error can
+    # carry the spend past the cap, and once it is past, admission stops.
+    events = store.query("SELECT reservation_id, event, usd FROM reservations ORDER BY created_at")
+    last_admission = max(i for i, (_, event, _) in enumerate(events) if event == "reserve")
+    open_ids: dict[str, float] = {}
+    for rid, event, usd in events[: last_admission + 1]:
+        if event == "reserve":
+            open_ids[rid] = usd
+        else:
+            open_ids.pop(rid)
+    error_of = {rid: usd - open_ids[rid] for rid, event, usd in events if event == "settle" and rid in open_ids}
+    overshoot = max(0.0, rig.budget.settled_usd - 1.0)
+    assert 0 < overshoot <= sum(error_of.values()) + 1e-12
