@@ -102,7 +102,7 @@ def _key_hint(args: argparse.Namespace) -> str:
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "sim-teacher":
-        from agentkd.config import RunConfig, config_from_dict
+        from agentkd.config import config_from_dict
         from agentkd.teachers.sim import serve_forever
 
         config = load_config(args.config, args.overrides) if args.config else config_from_dict(

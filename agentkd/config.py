@@ -164,6 +164,9 @@ class TrainSection(Section):
     max_len: int = Field(128, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(48, gt=0, description="Decoding cap for student answers.")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads on CPU (None: torch's default). Tiny students run fastest on 1."
+    )
     student_temperature: float = Field(0.7, ge=0, description="Lion: the student answers at 0.7.")
     lora: LoraSection = Field(default_factory=LoraSection)
     # rationale (2403.15886): L = a * CE(label) + (1 - a) * CE(rationale)
@@ -195,6 +198,11 @@ class LoopSection(Section):
     seed_count: int = Field(200, gt=0, description="Seeds drawn from the sim's world if seeds is None.")
     heldout: str | None = Field(None, description="JSONL held-out set; None: drawn from the sim world.")
     heldout_count: int = Field(200, gt=0)
+    world_steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: steps range.")
+    world_digits: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: digits range.")
+    eval_judge_sample: int = Field(
+        50, ge=0, description="Held-out items judged by the referee per iteration (capability ratio)."
+    )
     tau: float = Field(1.0, ge=0, description="Hard iff teacher_score - student_score >= tau.")
     new_per_iteration: int = Field(200, gt=0)
     hard_fraction: float = Field(0.5, ge=0, le=1)

@@ -6,7 +6,6 @@ pays nothing for rows already answered and writes the full output again.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections import Counter
@@ -16,21 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentkd.budget import BudgetExhausted
 from agentkd.config import ConfigError, RunConfig
 from agentkd.datasets import read_jsonl, write_jsonl
 from agentkd.dedup import InstructionIndex, instruction_id
-from agentkd.gateway import CallFailed
-from agentkd.retry import Deferred
 from agentkd.roles import calls
 from agentkd.session import TeacherSession, teacher_session
-from agentkd.store import StoreError
-from agentkd.teachers.base import TeacherError
 from agentkd.tokens import estimate_prompt
+from agentkd.workpool import run_all
 
-MAX_DEFERRALS = 3
 REQUIRED_FIELDS = {
     "answerer": ("instruction",),
     "explainer": ("instruction",),
@@ -92,6 +85,12 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
         async def handle(row):
             c = await calls.answer(gateway, prompts, row["instruction"])
             account(c)
+            # Also as training data, so `agentkd train` can learn from what teach bought.
+            iid = instruction_id(row["instruction"])
+            session.store.submit("instructions", [{"id": iid, "text": row["instruction"], "source": "seed",
+                                                   "iteration": 1, "pool": "train"}])
+            session.store.submit("responses", [{"instruction_id": iid, "actor": "teacher", "iteration": 1,
+                                                "text": c.text, "call_key": c.key}])
             return {"answer": c.text, "truncated": c.truncated}
         return handle
 
@@ -115,7 +114,7 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
         async def handle(row):
             pair = await calls.judge(gateway, prompts, row["instruction"], row["teacher_answer"],
                                      row["student_answer"], tau=tau)
-            summary.usd += pair.cost_usd
+            account(*pair.completions)
             summary.parse_failures += (not pair.teacher_first.ok) + (not pair.student_first.ok)
             v = pair.verdict
             return {"teacher_score": v.teacher_score, "student_score": v.student_score, "verdict": v.label,
@@ -149,87 +148,28 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
         raise ConfigError(f"--rationale-rate {rationale_rate}: must be between 0 and 1")
     summary = TeachSummary(role=role, total=len(rows))
     results: dict[int, dict[str, Any]] = {}
-    console = console or Console(stderr=True)
     started = time.monotonic()
     async with teacher_session(config) as session:
         handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
                            tau=config.loop.tau)
+        outcome = None
         try:
-            await _run_rows(session, rows, handle, results, summary, show_progress, console)
+            outcome = await run_all(rows, handle, gateway=session.gateway, label=role,
+                                    concurrency=config.limits.max_concurrency,
+                                    console=console or Console(stderr=True), show_progress=show_progress)
         finally:
+            if outcome is not None:
+                summary.done = len(outcome.results)
+                summary.failed = outcome.failure_classes
+                summary.deferred = outcome.deferred
+                results = {i: {**rows[i], **added} for i, added in outcome.results.items()}
+                results.update({i: {**rows[i], "error": cls} for i, cls in outcome.failed.items()})
             summary.seconds = time.monotonic() - started
             summary.cache_hits = session.gateway.stats.cache_hits
             summary.rate_limited = session.gateway.stats.rate_limited
             # Rows in input order; rows not reached are left out and a re-run completes them.
             write_jsonl(output_path, (results[i] for i in sorted(results)))
     return summary
-
-
-async def _run_rows(session: TeacherSession, rows: list[dict[str, Any]], handle: Handler,
-                    results: dict[int, dict[str, Any]], summary: TeachSummary, show_progress: bool,
-                    console: Console) -> None:
-    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    for i in range(len(rows)):
-        queue.put_nowait((i, 0))
-    remaining = len(rows)
-    finished = asyncio.Event()
-    stop: list[BaseException] = []
-    loop = asyncio.get_running_loop()
-    budget = session.gateway.budget
-
-    progress = Progress(TextColumn(f"[bold]{summary.role}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[spend]}"), TextColumn("{task.fields[rate]}"),
-                        TextColumn("429s {task.fields[limited]}"), TimeElapsedColumn(),
-                        console=console, disable=not show_progress)
-    task_id = progress.add_task("teach", total=len(rows), spend="", rate="", limited=0)
-
-    def advance() -> None:
-        nonlocal remaining
-        remaining -= 1
-        elapsed = max(time.monotonic() - session.gateway.stats.started, 1e-9)
-        cap = f"/${budget.cap_usd:g}" if budget.cap_usd is not None else ""
-        progress.update(task_id, advance=1, spend=f"${budget.settled_usd:.4f}{cap}",
-                        rate=f"{session.gateway.stats.sent / elapsed:.1f} req/s",
-                        limited=session.gateway.stats.rate_limited)
-        if remaining == 0:
-            finished.set()
-
-    async def worker() -> None:
-        while True:
-            index, deferrals = await queue.get()
-            row = rows[index]
-            try:
-                added = await handle(row)
-            except Deferred as deferred:
-                summary.deferred += 1
-                if deferrals < MAX_DEFERRALS:
-                    # Back of the line after the wait the provider asked for; the slot is free meanwhile.
-                    loop.call_later(deferred.wait_s, queue.put_nowait, (index, deferrals + 1))
-                    continue
-                summary.failed[deferred.cause.error_class] += 1
-                results[index] = {**row, "error": deferred.cause.error_class}
-            except CallFailed as failed:
-                summary.failed[failed.error.error_class] += 1
-                results[index] = {**row, "error": failed.error.error_class}
-            except (BudgetExhausted, StoreError, TeacherError) as err:
-                stop.append(err)
-                finished.set()
-                return
-            else:
-                summary.done += 1
-                results[index] = {**row, **added}
-            advance()
-
-    workers = [asyncio.create_task(worker()) for _ in range(session.config.limits.max_concurrency)]
-    try:
-        with progress:
-            await finished.wait()
-    finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    if stop:
-        raise stop[0]
 
 
 TYPICAL_REASON = ("a one-sentence explanation of about twenty words that names the key fact of the input "

@@ -35,27 +35,28 @@ class JudgedPair:
     teacher_first: Judgment
     student_first: Judgment
     keys: tuple[str, str]
-    cost_usd: float
+    completions: list[Completion]  # every referee call made, re-asks included
 
 
 async def judge(gateway: Gateway, prompts: RolePrompts, instruction: str, teacher_answer: str,
                 student_answer: str, *, tau: float) -> JudgedPair:
     """Lion's referee in BOTH orders; an order that does not parse is asked once more, then unscored."""
-    first, key_1, cost_1 = await _judge_once(gateway, prompts, instruction, teacher_answer, student_answer)
-    second, key_2, cost_2 = await _judge_once(gateway, prompts, instruction, student_answer, teacher_answer)
-    return JudgedPair(combine_orders(first, second, tau), first, second, (key_1, key_2), cost_1 + cost_2)
+    made: list[Completion] = []
+    first = await _judge_once(gateway, prompts, instruction, teacher_answer, student_answer, made)
+    key_1 = made[-1].key
+    second = await _judge_once(gateway, prompts, instruction, student_answer, teacher_answer, made)
+    return JudgedPair(combine_orders(first, second, tau), first, second, (key_1, made[-1].key), made)
 
 
 async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, answer_a: str,
-                      answer_b: str) -> tuple[Judgment, str, float]:
-    cost = 0.0
+                      answer_b: str, made: list[Completion]) -> Judgment:
     for sample in (0, 1):
         completion = await gateway.complete(prompts.judge(instruction, answer_a, answer_b, sample=sample))
-        cost += completion.cost_usd
+        made.append(completion)
         judgment = parse_judgment(completion.text)
         if judgment.ok:
             break
-    return judgment, completion.key, cost
+    return judgment
 
 
 async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str, *, hard: bool,

@@ -1,0 +1,137 @@
+"""From the run database to a trained checkpoint: examples, the student (new or continued), metrics.
+
+Used by the loop (one call per Lion iteration) and by `agentkd train CONFIG`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from agentkd.config import ConfigError, RunConfig
+from agentkd.store import Store
+from agentkd.students import Student, build_student, load_checkpoint, load_spec
+from agentkd.train import TrainResult, train
+from agentkd.train_data import TrainingExample
+
+# One teacher answer per instruction (the latest), with the explainer's label and rationale if any.
+_EXAMPLES_SQL = """
+WITH answers AS (
+    SELECT instruction_id, arg_max(text, created_at) AS text, arg_max(call_key, created_at) AS call_key
+    FROM responses WHERE actor = 'teacher' GROUP BY instruction_id
+), rationales_latest AS (
+    SELECT example_id, arg_max(label, created_at) AS label, arg_max(rationale, created_at) AS rationale
+    FROM rationales WHERE parsed_ok GROUP BY example_id
+), pool AS (
+    SELECT id, any_value(text) AS text, min(iteration) AS iteration FROM instructions
+    WHERE pool IN ('train', 'cache') AND rejected_reason IS NULL GROUP BY id
+)
+SELECT p.id, p.text, p.iteration, a.text AS answer, r.label, r.rationale, c.logprobs_json
+FROM pool p JOIN answers a ON a.instruction_id = p.id
+LEFT JOIN rationales_latest r ON r.example_id = p.id
+LEFT JOIN (SELECT key, any_value(logprobs_json) AS logprobs_json FROM calls WHERE status = 'ok' GROUP BY key) c
+    ON c.key = a.call_key
+WHERE {where}
+ORDER BY p.iteration, p.id
+"""
+
+
+def examples_from_store(store: Store, *, iteration: int | None = None, up_to: bool = False) -> list[TrainingExample]:
+    """Teacher-answered pool instructions: of one iteration's Train Pool, up to it, or all of them."""
+    if iteration is None:
+        where, params = "TRUE", []
+    else:
+        where, params = ("p.iteration <= ?" if up_to else "p.iteration = ?"), [iteration]
+    rows = store.query_dicts(_EXAMPLES_SQL.format(where=where), params)
+    return [
+        TrainingExample(
+            instruction=row["text"], response=row["answer"], label=row["label"], rationale=row["rationale"],
+            teacher_top_logprobs=_top_logprobs(row["logprobs_json"]),
+        )
+        for row in rows
+    ]
+
+
+def _top_logprobs(raw: str | None) -> list[list[tuple[str, float]]] | None:
+    if not raw:
+        return None
+    return [[(str(t), float(lp)) for t, lp in item.get("top") or []] for item in json.loads(raw)]
+
+
+def teacher_corpus(store: Store) -> list[str]:
+    """Every stored teacher answer: the n-gram prior of posterior KD is built from all of them."""
+    return [r[0] for r in store.query("SELECT response_text FROM calls WHERE status = 'ok' AND role = 'answerer'")]
+
+
+def tokenizer_corpus(store: Store) -> list[str]:
+    rows = store.query("SELECT text FROM instructions UNION ALL SELECT text FROM responses WHERE actor = 'teacher'")
+    return [r[0] for r in rows]
+
+
+def latest_checkpoint(store: Store) -> tuple[int, Path] | None:
+    rows = store.query("SELECT iteration, checkpoint FROM train_runs ORDER BY iteration DESC, created_at DESC LIMIT 1")
+    if not rows or not Path(rows[0][1]).exists():
+        return None
+    return rows[0][0], Path(rows[0][1])
+
+
+def student_spec_path(config: RunConfig) -> Path:
+    return config.resolve_path(config.student.spec)
+
+
+def load_student(config: RunConfig, store: Store) -> tuple[Student, int]:
+    """The latest checkpoint of this run (and its iteration), or a fresh student (iteration 0)."""
+    spec = load_spec(student_spec_path(config))
+    found = latest_checkpoint(store)
+    if found is not None:
+        return load_checkpoint(found[1], spec=spec), found[0]
+    return build_student(spec, corpus=tokenizer_corpus(store), lora=config.train.lora, seed=config.run.seed), 0
+
+
+def build_proxy(config: RunConfig, student: Student) -> Student | None:
+    """The proxy for posterior/proxy KD: larger than the student, built on the student's tokenizer."""
+    if config.train.proxy_spec is None:
+        return None
+    spec = load_spec(config.resolve_path(config.train.proxy_spec))
+    return build_student(spec, tokenizer=student.tokenizer, seed=config.run.seed + 1)
+
+
+def train_iteration(config: RunConfig, store: Store, student: Student, examples: list[TrainingExample],
+                    iteration: int, *, progress: bool = True, objective: str | None = None) -> TrainResult:
+    """Train (continuing from the student's weights), save checkpoints/<iteration>/, record it."""
+    cfg = config.train if objective is None else config.train.model_copy(update={"objective": objective})
+    if cfg.cpu_threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
+
+    def log_metric(name: str, value: float, step: int) -> None:
+        store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])
+
+    result = train(student, examples, cfg, out_dir=config.run_dir / "checkpoints" / str(iteration),
+                   seed=config.run.seed + iteration, proxy=build_proxy(config, student),
+                   teacher_corpus=teacher_corpus(store) or None, log_metric=log_metric, progress=progress)
+    store.append_now("train_runs", [{
+        "iteration": iteration, "objective": cfg.objective, "checkpoint": str(result.checkpoint),
+        "steps": result.steps, "examples": result.examples, "final_loss": result.final_loss,
+        "seconds": result.seconds}])
+    return result
+
+
+def train_command(config: RunConfig, *, objective: str | None, iteration: int | None) -> str:
+    """`agentkd train`: train on everything the run stored (up to --iteration) and save a checkpoint."""
+    path = config.run_dir / "agentkd.duckdb"
+    if not path.exists():
+        raise ConfigError(f"{path}: no run database; run `agentkd run` or `agentkd teach` first")
+    store = Store(path)
+    try:
+        examples = examples_from_store(store, iteration=iteration, up_to=True)
+        if not examples:
+            raise ConfigError(f"{path}: no teacher-answered instructions to train on")
+        student, last = load_student(config, store)
+        target = (iteration if iteration is not None else last) + 1
+        result = train_iteration(config, store, student, examples, target, objective=objective)
+    finally:
+        store.close_sync()
+    return (f"trained {result.examples} examples, {result.steps} steps in {result.seconds:.0f} s "
+            f"(final loss {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s): {result.checkpoint}")

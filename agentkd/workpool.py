@@ -1,0 +1,107 @@
+"""Run one async handler over many items with the gateway's failure semantics and a progress bar.
+
+A skipped call (CallFailed) is recorded and the rest go on; a deferred item goes to the back of the
+line after the wait its provider asked for (its concurrency slot is free meanwhile); budget, auth,
+quota and store failures stop everything and propagate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agentkd.budget import BudgetExhausted
+from agentkd.gateway import CallFailed, Gateway
+from agentkd.retry import Deferred
+from agentkd.store import StoreError
+from agentkd.teachers.base import TeacherError
+
+T = TypeVar("T")
+R = TypeVar("R")
+MAX_DEFERRALS = 3
+
+
+@dataclass
+class PoolOutcome(Generic[R]):
+    results: dict[int, R] = field(default_factory=dict)  # item index -> result, for items that succeeded
+    failed: dict[int, str] = field(default_factory=dict)  # item index -> error class
+    deferred: int = 0
+
+    @property
+    def failure_classes(self) -> Counter:
+        return Counter(self.failed.values())
+
+
+async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, gateway: Gateway, label: str,
+                  concurrency: int, console: Console | None = None, show_progress: bool = True,
+                  on_done: Callable[[], None] | None = None) -> PoolOutcome[R]:
+    outcome: PoolOutcome[R] = PoolOutcome()
+    if not items:
+        return outcome
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for i in range(len(items)):
+        queue.put_nowait((i, 0))
+    remaining = len(items)
+    finished = asyncio.Event()
+    stop: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    budget = gateway.budget
+
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[spend]}"), TextColumn("{task.fields[rate]}"),
+                        TextColumn("429s {task.fields[limited]}"), TimeElapsedColumn(),
+                        console=console, disable=not show_progress, transient=False)
+    task_id = progress.add_task(label, total=len(items), spend="", rate="", limited=0)
+    started = time.monotonic()
+    sent_before = gateway.stats.sent
+
+    def advance() -> None:
+        nonlocal remaining
+        remaining -= 1
+        elapsed = max(time.monotonic() - started, 1e-9)
+        cap = f"/${budget.cap_usd:g}" if budget.cap_usd is not None else ""
+        progress.update(task_id, advance=1, spend=f"${budget.settled_usd:.4f}{cap}",
+                        rate=f"{(gateway.stats.sent - sent_before) / elapsed:.1f} req/s",
+                        limited=gateway.stats.rate_limited)
+        if on_done is not None:
+            on_done()
+        if remaining == 0:
+            finished.set()
+
+    async def worker() -> None:
+        while True:
+            index, deferrals = await queue.get()
+            try:
+                outcome.results[index] = await handle(items[index])
+            except Deferred as deferred:
+                outcome.deferred += 1
+                if deferrals < MAX_DEFERRALS:
+                    loop.call_later(deferred.wait_s, queue.put_nowait, (index, deferrals + 1))
+                    continue
+                outcome.failed[index] = deferred.cause.error_class
+            except CallFailed as failed:
+                outcome.failed[index] = failed.error.error_class
+            except (BudgetExhausted, StoreError, TeacherError) as err:
+                stop.append(err)
+                finished.set()
+                return
+            advance()
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(items)))]
+    try:
+        with progress:
+            await finished.wait()
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    if stop:
+        raise stop[0]
+    return outcome
