@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import itertools
+import json
+import logging
 import socket
 import time
+import traceback
+import uuid
 
 import pytest
 
 from agentkd.budget import Budget, BudgetExhausted
-from agentkd.config import SIM_PRICE, LimitsSection, PriceSection, SimSection
+from agentkd.config import SIM_PRICE, LimitsSection, PriceSection, SimSection, resolve_api_key
 from agentkd.gateway import CallFailed, Gateway, spent_in_store
 from agentkd.retry import Deferred
 from agentkd.store import Store
@@ -438,3 +442,119 @@ async def test_usage_above_reservation_overshoots_by_the_estimate_error_and_stop
     error_of = {rid: usd - open_ids[rid] for rid, event, usd in events if event == "settle" and rid in open_ids}
     overshoot = max(0.0, rig.budget.settled_usd - 1.0)
     assert 0 < overshoot <= sum(error_of.values()) + 1e-12
+
+
+# ---- the SDK transport at the HTTP layer (how users fake the SDKs: pytest-httpx2) --------------------
+FAKE_API = "https://api.teacher.test/v1"
+
+
+async def sdk_gateway(tmp_path) -> tuple[Gateway, Store, FakeClock]:
+    clock = FakeClock()
+    store = Store(tmp_path / "run.duckdb")
+    teacher = OpenAISDKTeacher(provider="openai", base_url=FAKE_API, api_key="sk-test")
+    gateway = Gateway(teachers={"openai": teacher}, store=store,
+                      budget=Budget(usd=10.0, tokens=None, price_of=lambda model: SIM_PRICE),
+                      limits=LimitsSection(max_attempts=4), clock=clock, sleep=clock.sleep)
+    await gateway.start()
+    return gateway, store, clock
+
+
+async def test_sdk_quota_429_is_not_retried_at_the_http_layer(tmp_path, httpx2_mock):
+    route = httpx2_mock.post(f"{FAKE_API}/chat/completions").respond(429, json={"error": {
+        "message": "You exceeded your current quota.", "type": "insufficient_quota",
+        "code": "insufficient_quota", "param": None}})
+    gateway, store, clock = await sdk_gateway(tmp_path)
+    with pytest.raises(QuotaExceeded):
+        await gateway.complete(make_request("openai"))
+    assert route.call_count == 1 and clock.sleeps == []
+    await gateway.aclose()
+    await store.close()
+
+
+async def test_sdk_200_without_usage_is_charged_and_skipped_at_the_http_layer(tmp_path, httpx2_mock):
+    route = httpx2_mock.post(f"{FAKE_API}/chat/completions").respond(200, json={
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "4"}}]})
+    gateway, store, _ = await sdk_gateway(tmp_path)
+    with pytest.raises(CallFailed) as info:
+        await gateway.complete(make_request("openai"))
+    assert info.value.error.error_class == "IncompleteResponse" and route.call_count == 1
+    reserved = gateway.budget.settled_usd
+    await gateway.aclose()
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    check_ledger(store, gateway.budget)
+    assert reserved > 0 and ledger(store) == [("settle", reserved, pytest.approx(ledger(store)[0][2]))]
+
+
+# ---- the API key never leaks ---------------------------------------------------------------------------
+LIBRARY_LOGGERS = ("", "openai", "anthropic", "httpx", "httpx2", "httpcore", "httpcore2", "aiohttp",
+                   "aiohttp.client", "aiohttp.access", "aiohttp.server", "asyncio", "agentkd", "duckdb")
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The formatted line (with any traceback) and the raw args, as any handler could render them.
+        self.texts.append(self.format(record))
+        self.texts.append(repr(record.args) + repr(record.__dict__.get("headers")))
+
+
+@pytest.fixture
+def debug_logs():
+    capture = Capture()
+    saved = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    root = logging.getLogger()
+    root.addHandler(capture)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    yield capture
+    root.removeHandler(capture)
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+async def test_canary_key_appears_in_no_log_row_file_error_or_export(tmp_path, monkeypatch, debug_logs):
+    canary = "sk-canary-" + uuid.uuid4().hex
+    monkeypatch.setenv("AGENTKD_CANARY_KEY", f"  {canary}\n")  # stripped at load (RELIABILITY.md 27)
+    key = resolve_api_key("AGENTKD_CANARY_KEY", provider="openai")
+    assert key == canary
+    errors: list[BaseException] = []
+    for index, kind in enumerate(TRANSPORTS):
+        path = tmp_path / kind
+        # The key is refused (401 with a key the server does not know)...
+        rig = await Rig(path, kind, sim={"require_api_key": "sk-the-other-key"}, api_key=key).start()
+        with pytest.raises(AuthError) as info:
+            await rig.gateway.complete(rig.request())
+        errors.append(info.value)
+        await rig.finish()
+        # ...and accepted, through a 429, a 500 and a success; then a bad request that is stored.
+        rig = await Rig(path, kind, sim={"require_api_key": canary}, api_key=key).start()
+        rig.sim.script([{"status": 429, "headers": {"retry-after": "1"}}, {"status": 500}])
+        assert (await rig.gateway.complete(rig.request())).attempts == 3
+        rig.sim.script([{"status": 400}, {"kind": "truncated"}, {"kind": "truncated"}, {"kind": "truncated"},
+                        {"kind": "truncated"}])
+        for _ in range(2):
+            with pytest.raises(CallFailed) as failed:
+                await rig.gateway.complete(rig.request())
+            errors.append(failed.value)
+        store = await rig.finish()
+        export = "\n".join(json.dumps(row, default=str) for table in ("calls", "attempts", "reservations")
+                           for row in store.query_dicts(f'SELECT * FROM "{table}"'))
+        store.close_sync()
+        assert canary not in export and index >= 0
+        for file in path.iterdir():  # the database and its WAL, byte for byte
+            assert canary.encode() not in file.read_bytes(), file
+    assert debug_logs.texts, "DEBUG logging captured nothing: the check would be vacuous"
+    leaks = [text for text in debug_logs.texts if canary in text]
+    assert leaks == []
+    for error in errors:
+        chain = [error, error.__cause__, error.__context__, getattr(error, "error", None)]
+        for item in filter(None, chain):
+            assert canary not in str(item) and canary not in repr(item)
+            assert canary not in "".join(traceback.format_exception(item))
