@@ -15,8 +15,8 @@ from agentkd.roles.referee import Judgment, Verdict, combine_orders, parse_judgm
 from agentkd.roles.requests import RolePrompts
 
 
-async def answer(gateway: Gateway, prompts: RolePrompts, instruction: str) -> Completion:
-    return await gateway.complete(prompts.answer(instruction))
+async def answer(gateway: Gateway, prompts: RolePrompts, instruction: str, *, tag: str | None = None) -> Completion:
+    return await gateway.complete(prompts.answer(instruction, tag=tag))
 
 
 async def explain(gateway: Gateway, prompts: RolePrompts, text: str, *, with_rationale: bool = True,
@@ -39,19 +39,19 @@ class JudgedPair:
 
 
 async def judge(gateway: Gateway, prompts: RolePrompts, instruction: str, teacher_answer: str,
-                student_answer: str, *, tau: float) -> JudgedPair:
+                student_answer: str, *, tau: float, tag: str | None = None) -> JudgedPair:
     """Lion's referee in BOTH orders; an order that does not parse is asked once more, then unscored."""
     made: list[Completion] = []
-    first = await _judge_once(gateway, prompts, instruction, teacher_answer, student_answer, made)
+    first = await _judge_once(gateway, prompts, instruction, teacher_answer, student_answer, made, tag)
     key_1 = made[-1].key
-    second = await _judge_once(gateway, prompts, instruction, student_answer, teacher_answer, made)
+    second = await _judge_once(gateway, prompts, instruction, student_answer, teacher_answer, made, tag)
     return JudgedPair(combine_orders(first, second, tau), first, second, (key_1, made[-1].key), made)
 
 
 async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, answer_a: str,
-                      answer_b: str, made: list[Completion]) -> Judgment:
+                      answer_b: str, made: list[Completion], tag: str | None) -> Judgment:
     for sample in (0, 1):
-        completion = await gateway.complete(prompts.judge(instruction, answer_a, answer_b, sample=sample))
+        completion = await gateway.complete(prompts.judge(instruction, answer_a, answer_b, sample=sample, tag=tag))
         made.append(completion)
         judgment = parse_judgment(completion.text)
         if judgment.ok:

@@ -42,22 +42,23 @@ class RolePrompts:
 
     def _request(self, role: str, prompt: str, values: dict[str, str | None], *,
                  schema: tuple[str, dict[str, Any]] | None = None, sample: int = 0,
-                 top_logprobs: int = 0) -> TeacherRequest:
+                 top_logprobs: int = 0, tag: str | None = None) -> TeacherRequest:
         settings = self._config.role(role)
         template = self.templates[prompt]
         response_format = None
         if schema is not None and self._config.teacher.structured_output and settings.provider in SCHEMA_PROVIDERS:
             response_format = {"name": schema[0], "schema": schema[1], "strict": True}
         return TeacherRequest(
-            role=role, provider=settings.provider, model=settings.model,
+            role=tag or role, provider=settings.provider, model=settings.model,
             messages=tuple(template.render(values)), temperature=settings.temperature,
             max_tokens=settings.max_tokens, prompt_version=f"{prompt}:{template.version}",
             top_logprobs=top_logprobs, response_format=response_format, sample=sample,
         )
 
-    def answer(self, instruction: str) -> TeacherRequest:
+    def answer(self, instruction: str, *, tag: str | None = None) -> TeacherRequest:
+        """`tag` books the call under another name (e.g. "eval") in the store; the cache key ignores it."""
         return self._request("answerer", "answerer", {"instruction": instruction},
-                             top_logprobs=self._config.teacher.top_logprobs)
+                             top_logprobs=self._config.teacher.top_logprobs, tag=tag)
 
     def explain(self, text: str, *, with_rationale: bool = True, options: list[str] | None = None) -> TeacherRequest:
         """Zero-shot label + one-sentence reason (2403.15886); label only when with_rationale is False."""
@@ -71,9 +72,11 @@ class RolePrompts:
         values = {"input": text, "labels": self.task.labels_text, "label": label}
         return self._request("explainer", "explainer_given_label", values, schema=("rationale", rationale_schema()))
 
-    def judge(self, instruction: str, answer_a: str, answer_b: str, *, sample: int = 0) -> TeacherRequest:
+    def judge(self, instruction: str, answer_a: str, answer_b: str, *, sample: int = 0,
+              tag: str | None = None) -> TeacherRequest:
         values = {"instruction": instruction, "answer_a": answer_a, "answer_b": answer_b}
-        return self._request("referee", "referee", values, schema=("judgment", judgment_schema()), sample=sample)
+        return self._request("referee", "referee", values, schema=("judgment", judgment_schema()), sample=sample,
+                             tag=tag)
 
     def generate(self, seed_instruction: str, *, hard: bool, failed_answer: str | None = None,
                  referee_comparison: str | None = None, sample: int = 0) -> TeacherRequest:

@@ -1,0 +1,113 @@
+"""Lion's pools as queries over the run database (the tables are append-only; readers de-duplicate).
+
+An instruction's `iteration` is the iteration whose Train Pool it joins: seeds join iteration 1,
+children generated during iteration t join t + 1. So
+    Train Pool A(t) = accepted instructions with iteration == t
+    Cache Pool B(t) = accepted instructions with iteration <= t   (seeds + every accepted child)
+The held-out set has pool 'heldout' and is never trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentkd.config import RunConfig
+from agentkd.datasets import read_jsonl
+from agentkd.dedup import instruction_id
+from agentkd.store import Store
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    text: str
+    iteration: int
+    source: str
+    answer: str | None = None  # the checkable answer of a held-out item, if known
+
+
+def initial_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
+    """Seeds and the held-out set: from the configured JSONL files, or drawn from the sim's world."""
+    from agentkd.teachers.sim.world import sample_problems
+
+    loop = config.loop
+    steps, digits = tuple(loop.world_steps), tuple(loop.world_digits)
+    drawn = None
+    if loop.seeds is None or loop.heldout is None:
+        drawn = sample_problems(loop.seed_count + loop.heldout_count, seed=config.run.seed,
+                                steps=steps, digits=digits)  # type: ignore[arg-type]
+    if loop.seeds is not None:
+        seed_texts = [(r["instruction"], None) for r in read_jsonl(config.resolve_path(loop.seeds), ("instruction",))]
+    else:
+        seed_texts = [(p.text, None) for p in drawn[: loop.seed_count]]
+    if loop.heldout is not None:
+        rows = read_jsonl(config.resolve_path(loop.heldout), ("instruction",))
+        heldout_texts = [(r["instruction"], str(r["answer"]) if "answer" in r else None) for r in rows]
+    else:
+        heldout_texts = [(p.text, str(p.answer)) for p in drawn[loop.seed_count:]]
+    seed_ids = {instruction_id(t) for t, _ in seed_texts}
+    # An item in both sets would be trained on and then scored: keep it out of the held-out set.
+    heldout_texts = [(t, a) for t, a in heldout_texts if instruction_id(t) not in seed_ids]
+    seeds = _unique([Item(instruction_id(t), t, 1, "seed") for t, _ in seed_texts])
+    heldout = _unique([Item(instruction_id(t), t, 0, "heldout", a) for t, a in heldout_texts])
+    return seeds, heldout
+
+
+def _unique(items: list[Item]) -> list[Item]:
+    seen: set[str] = set()
+    return [i for i in items if not (i.id in seen or seen.add(i.id))]
+
+
+_POOL_SQL = """
+SELECT id, any_value(text), min(iteration), any_value(source) FROM instructions
+WHERE pool = 'train' AND rejected_reason IS NULL AND {where} GROUP BY id ORDER BY min(iteration), id
+"""
+
+
+def train_pool(store: Store, iteration: int) -> list[Item]:
+    return [Item(*r) for r in store.query(_POOL_SQL.format(where="iteration = ?"), [iteration])]
+
+
+def cache_pool(store: Store, iteration: int) -> list[Item]:
+    return [Item(*r) for r in store.query(_POOL_SQL.format(where="iteration <= ?"), [iteration])]
+
+
+def heldout(store: Store) -> list[Item]:
+    rows = store.query("SELECT id, any_value(text), 0, 'heldout', any_value(answer) FROM instructions "
+                       "WHERE pool = 'heldout' GROUP BY id ORDER BY id")
+    return [Item(*r) for r in rows]
+
+
+def all_texts(store: Store) -> list[str]:
+    """Every instruction a new one must not near-duplicate: pools, held-out set, earlier rejects excluded."""
+    return [r[0] for r in store.query("SELECT DISTINCT text FROM instructions WHERE pool IN ('train', 'heldout')")]
+
+
+def responses(store: Store, actor: str, iteration: int | None = None) -> dict[str, str]:
+    """instruction id -> latest response text of `actor` (for one iteration, or any)."""
+    sql = "SELECT instruction_id, arg_max(text, created_at) FROM responses WHERE actor = ?"
+    params: list = [actor]
+    if iteration is not None:
+        sql += " AND iteration = ?"
+        params.append(iteration)
+    return dict(store.query(sql + " GROUP BY instruction_id", params))
+
+
+def verdict_labels(store: Store, iteration: int) -> dict[str, str]:
+    return dict(store.query("SELECT instruction_id, arg_max(label, created_at) FROM verdicts WHERE iteration = ? "
+                            "GROUP BY instruction_id", [iteration]))
+
+
+def ever_hard(store: Store, before: int) -> set[str]:
+    return {r[0] for r in store.query("SELECT DISTINCT instruction_id FROM verdicts WHERE label = 'hard' "
+                                      "AND iteration < ?", [before])}
+
+
+def spend_by_role(store: Store) -> dict[str, float]:
+    return {r[0]: float(r[1] or 0.0) for r in store.query("SELECT role, sum(cost_usd) FROM calls GROUP BY role")}
+
+
+def metric(store: Store, iteration: int, name: str) -> float | None:
+    rows = store.query("SELECT arg_max(value, created_at) FROM metrics WHERE iteration = ? AND name = ?",
+                       [iteration, name])
+    return rows[0][0] if rows and rows[0][0] is not None else None
