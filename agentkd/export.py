@@ -1,0 +1,102 @@
+"""Export a run's accepted training data (instruction, teacher answer, rationale) as JSONL or Parquet.
+
+Rows are the instructions the loop accepted into the Train or Cache pool, never the held-out set: an
+instruction that was ever in pool 'heldout', or whose latest row is rejected, is not exported. Tables
+are append-only, so an instruction's current state is its latest row; `iteration` is the iteration
+the instruction first appeared in. Order is deterministic: iteration, then id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from agentkd.store import Store, StoreError, StoreLockedError
+
+DB_NAME = "agentkd.duckdb"
+FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration")
+
+# Latest row per id / instruction wins; rowid breaks created_at ties in insertion order.
+_ROWS_SQL = """
+WITH latest AS (
+    SELECT id, text, source, parent_id, pool, rejected_reason FROM instructions
+    QUALIFY row_number() OVER (PARTITION BY id ORDER BY created_at DESC, rowid DESC) = 1
+), first_seen AS (
+    SELECT id, min(iteration) AS iteration, bool_or(pool = 'heldout') AS ever_heldout
+    FROM instructions GROUP BY id
+), teacher AS (
+    SELECT instruction_id, text FROM responses WHERE actor = 'teacher' AND text IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY instruction_id ORDER BY created_at DESC, rowid DESC) = 1
+), rationale AS (
+    SELECT example_id, label, rationale FROM rationales
+    QUALIFY row_number() OVER (
+        PARTITION BY example_id ORDER BY coalesce(parsed_ok, false) DESC, created_at DESC, rowid DESC) = 1
+)
+SELECT l.id, l.text AS instruction, t.text AS teacher_answer, r.rationale, r.label, l.source,
+       l.parent_id, f.iteration
+FROM latest l
+JOIN first_seen f USING (id)
+JOIN teacher t ON t.instruction_id = l.id
+LEFT JOIN rationale r ON r.example_id = l.id
+WHERE l.pool IN ('train', 'cache') AND l.rejected_reason IS NULL AND NOT coalesce(f.ever_heldout, false)
+ORDER BY f.iteration NULLS LAST, l.id
+"""
+
+
+def open_run_store(run_dir: Path) -> Store:
+    """Open runs/<name>/agentkd.duckdb read-only, with errors that say what to do."""
+    path = Path(run_dir) / DB_NAME
+    if not path.is_file():
+        raise StoreError(f"{path}: no run database here; is {run_dir} a run folder (runs/<name>)?")
+    try:
+        return Store(path, read_only=True)
+    except StoreLockedError as err:
+        raise StoreLockedError(
+            f"{err}. DuckDB refuses even read-only opens from another process while a run writes; "
+            f"wait for the run to finish (or stop it; it resumes), then run this command again"
+        ) from None
+
+
+def accepted_rows(store: Store) -> list[dict[str, Any]]:
+    """Accepted, non-held-out instructions with their latest teacher answer and rationale."""
+    return store.query_dicts(_ROWS_SQL)
+
+
+def export_training_data(
+    run_dir: Path, *, fmt: Literal["jsonl", "parquet"] = "jsonl", output: Path | None = None
+) -> tuple[Path, int]:
+    """Write the accepted training data of a run; returns (path, rows written)."""
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"--format: expected jsonl or parquet, got {fmt!r}")
+    run_dir = Path(run_dir)
+    store = open_run_store(run_dir)
+    try:
+        rows = accepted_rows(store)
+    finally:
+        store.close_sync()
+    output = Path(output) if output is not None else run_dir / "export" / f"training_data.{fmt}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    if fmt == "jsonl":
+        _write_jsonl(partial, rows)
+    else:
+        _write_parquet(partial, rows)
+    os.replace(partial, output)  # a reader never sees a half-written file
+    return output, len(rows)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, pa.int32() if name == "iteration" else pa.string()) for name in FIELDS])
+    table = pa.Table.from_pylist([{k: row[k] for k in FIELDS} for row in rows], schema=schema)
+    pq.write_table(table, path)
