@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentkd.budget import Budget, Reservation, Usage
+from agentkd.budget import Budget, BudgetExhausted, Reservation, Usage
 from agentkd.config import LimitsSection
 from agentkd.limiter import Limiter
 from agentkd.retry import Deferred, retrying
@@ -90,6 +90,7 @@ class Gateway:
         self._rng = random.Random(seed)
         self._stored_keys: set[str] = set()
         self._in_flight: dict[str, asyncio.Future] = {}
+        self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
         self._session = uuid.uuid4().hex[:8]
         self.stats = GatewayStats()
 
@@ -170,7 +171,7 @@ class Gateway:
         """One HTTP attempt, bracketed by a durable reservation and its settlement."""
         if self.store.failure is not None:
             raise StoreError(f"not sending paid calls: {self.store.failure}")
-        reservation = self.budget.reserve(key, request.model, estimate, request.max_tokens)
+        reservation = await self._reserve(key, request.model, estimate, request.max_tokens)
         sent = False
         usage: Usage | None = None
         outcome = "release"
@@ -208,10 +209,27 @@ class Gateway:
             else:
                 self.budget.release(reservation)
                 usd, tokens = 0.0, 0
+            self._budget_freed.set()
+            self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after them, and the writer is FIFO.
             self._record(_ledger_row(reservation, outcome, usd, tokens), "reservations")
             self._record({"key": key, "attempt": attempt, "status_code": status, "error_class": error_class,
                           "latency_s": self._clock() - t0}, "attempts")
+
+    async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int) -> Reservation:
+        """Reserve the worst case; while other calls are in flight, wait for them to settle first.
+
+        Reservations are worst cases (max_tokens) and usage is usually far lower, so "does not fit now"
+        with calls in flight is not "exhausted": those calls give most of their reservation back when
+        they settle. Only with nothing in flight is a call that does not fit BudgetExhausted.
+        """
+        while True:
+            try:
+                return self.budget.reserve(key, model, estimate, max_tokens)
+            except BudgetExhausted:
+                if self.budget.reserved_tokens <= 0:
+                    raise
+                await self._budget_freed.wait()
 
     def _record(self, row: dict[str, Any], table: str) -> None:
         try:

@@ -36,7 +36,7 @@ from agentkd.config import LimitsSection, PriceSection
 from agentkd.gateway import CallFailed, Gateway
 from agentkd.store import Store
 from agentkd.teachers.base import TeacherRequest
-from agentkd.teachers.sim.server import parse_request
+from agentkd.teachers.sim.protocol import parse_request
 from agentkd.teachers.wire import WireTeacher, openai_body
 
 RPM, TPM, LATENCY_MS = 600, 60_000, 300.0

@@ -14,10 +14,15 @@ import email.utils
 import itertools
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +33,9 @@ from agentkd.retry import Deferred
 from agentkd.store import Store
 from agentkd.teachers.base import AuthError, QuotaExceeded, TeacherRequest
 from agentkd.teachers.sdk import AnthropicSDKTeacher, OpenAISDKTeacher
-from agentkd.teachers.sim import SimTeacher
-from agentkd.teachers.wire import WireTeacher
+from agentkd.teachers.sim import SimTeacher, sim_in_thread
+from agentkd.teachers.sim.protocol import request_key
+from agentkd.teachers.wire import WireTeacher, openai_body
 from tests.gateway_fakes import FakeClock
 
 TRANSPORTS = ["wire-openai", "wire-anthropic", "sdk-openai", "sdk-anthropic"]
@@ -558,3 +564,93 @@ async def test_canary_key_appears_in_no_log_row_file_error_or_export(tmp_path, m
         for item in filter(None, chain):
             assert canary not in str(item) and canary not in repr(item)
             assert canary not in "".join(traceback.format_exception(item))
+
+
+# ---- 17: kill -9 mid-run, then resume on the same file --------------------------------------------------
+KILL_N, KILL_CONCURRENCY = 300, 8
+
+CHILD = """
+import asyncio, sys
+from agentkd.budget import Budget
+from agentkd.config import SIM_PRICE, LimitsSection
+from agentkd.gateway import Gateway
+from agentkd.store import Store
+from agentkd.teachers.wire import WireTeacher
+from tests.test_gateway_http import KILL_CONCURRENCY, kill_workload
+
+async def main(path, base_url):
+    store = Store(path)
+    teacher = WireTeacher(provider="sim", wire="openai", base_url=base_url + "/v1", api_key=None)
+    gateway = Gateway(teachers={"sim": teacher}, store=store,
+                      budget=Budget(usd=100.0, tokens=None, price_of=lambda model: SIM_PRICE),
+                      limits=LimitsSection(max_concurrency=KILL_CONCURRENCY))
+    await gateway.start()
+    slots = asyncio.Semaphore(KILL_CONCURRENCY)
+
+    async def one(request):
+        async with slots:
+            result = await gateway.complete(request)
+            print("ok", result.key, int(result.from_cache), flush=True)  # acknowledged: the row is durable
+
+    await asyncio.gather(*(one(r) for r in kill_workload()))
+    await gateway.aclose()
+    await store.close()
+    print("done", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def kill_workload() -> list[TeacherRequest]:
+    return [make_request("sim", f"Kill test {i}: Ann has {i} pens and finds 3 more. How many pens?", 32)
+            for i in range(KILL_N)]
+
+
+def run_child(path, base_url: str, kill_after: int | None) -> list[str]:
+    """Run the workload in a child process; SIGKILL it after `kill_after` acknowledged answers."""
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), base_url], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acknowledged: list[str] = []
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("ok "):
+            acknowledged.append(line.split()[1])
+            if kill_after is not None and len(acknowledged) >= kill_after:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+    child.wait(60)
+    if kill_after is None:
+        assert child.returncode == 0, child.stderr.read() if child.stderr else ""
+    else:
+        assert child.returncode == -signal.SIGKILL
+    return acknowledged
+
+
+def test_kill_9_mid_run_loses_no_acknowledged_row_and_resume_repays_nothing_stored(tmp_path):
+    path = tmp_path / "run.duckdb"
+    requests = kill_workload()
+    sim_key = {r.key: request_key(openai_body(r, "sim")) for r in requests}
+    with sim_in_thread(SimSection(error_rate=0.0, latency_ms=20.0), seed=1) as sim:
+        first = run_child(path, sim.base_url, kill_after=KILL_N // 3)
+        store = Store(path, read_only=True)  # DuckDB reopens after kill -9 (WAL replay)
+        stored_by_first = {row[0] for row in store.query("SELECT key FROM calls WHERE status = 'ok'")}
+        store.close_sync()
+        assert set(first) <= stored_by_first  # every acknowledged row survived
+        assert len(stored_by_first) < KILL_N  # the kill really was mid-run
+        second = run_child(path, sim.base_url, kill_after=None)
+        billed = sim.stats()["billed_by_key"]
+    assert set(first) | set(second) == set(sim_key)
+    store = Store(path, read_only=True)
+    ok_rows = dict(store.query("SELECT key, count(*) FROM calls WHERE status = 'ok' GROUP BY key"))
+    unclosed = store.query(
+        "SELECT count(*) FROM reservations r WHERE event = 'reserve' AND NOT EXISTS (SELECT 1 FROM "
+        "reservations c WHERE c.reservation_id = r.reservation_id AND c.event IN ('settle', 'release'))")[0][0]
+    store.close_sync()
+    assert set(ok_rows) == set(sim_key) and set(ok_rows.values()) == {1}  # one ok row per request
+    # Nothing stored by the killed process was paid again; only calls in flight at the kill (billed
+    # but never acknowledged) may have been paid twice, and their reservations stay charged.
+    assert all(billed[sim_key[key]] == 1 for key in stored_by_first)
+    twice = [key for key, k in sim_key.items() if billed.get(k, 0) > 1]
+    assert len(twice) <= KILL_CONCURRENCY and unclosed <= KILL_CONCURRENCY
+    assert all(billed.get(k, 0) >= 1 for k in sim_key.values())
