@@ -150,6 +150,7 @@ def draw_plots(run: RunData, plots_dir: Path) -> dict[str, Path]:
 
 def _iteration_axis(ax, iterations: list[int]) -> None:
     ax.set_xticks(iterations, [f"it {i}" for i in iterations])
+    ax.set_xlim(min(iterations) - 0.5, max(iterations) + 0.5)
     ax.set_xlabel("Lion iteration (it 0 = before training)")
     ax.grid(axis="y", alpha=0.3)
 
@@ -169,14 +170,15 @@ def _plot_spend(run: RunData, ax) -> bool:
     ax.set_ylabel("USD this iteration")
     ax.set_title(f"{run.name}: teacher spend by role")
     _iteration_axis(ax, iterations)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles, labels = ax.get_legend_handles_labels()  # top of the stack first, as drawn
+    ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return True
 
 
 def _plot_hard(run: RunData, ax) -> bool:
     """(b) hard share, hard yield and unscored share per iteration."""
-    series = (("hard_share", "hard share (of judged)", "o"), ("hard_yield", "hard yield (hard-seeded children)", "s"),
-              ("unscored_share", "unscored share", "^"))
+    series = (("hard_share", "hard share", "o"), ("hard_yield", "hard yield", "s"),
+              ("unscored_share", "unscored", "^"))
     drew = False
     for name, label, marker in series:
         points = [(i, run.value(i, name)) for i in run.iterations if run.value(i, name) is not None]
@@ -191,6 +193,9 @@ def _plot_hard(run: RunData, ax) -> bool:
     ax.set_title(f"{run.name}: hard instructions per iteration")
     _iteration_axis(ax, run.iterations)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.text(1.02, 0.0, "hard share: judged items\nlabelled hard\n\nhard yield: children of\nhard items judged hard\n"
+            "the next iteration\n\nunscored: referee reply\nnot usable", transform=ax.transAxes, fontsize=8,
+            va="bottom", color="0.35")
     return True
 
 
@@ -202,8 +207,7 @@ def _plot_score(run: RunData, ax) -> bool:
         points = [p for p in points if p[0] is not None and p[1] is not None]
         if not points:
             continue
-        xs, ys, its = zip(*points)
-        line, = ax.plot(xs, ys, marker=marker, label=label)
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
         for x, y, i in points:
             ax.annotate(f"it {i}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8,
                         color=line.get_color())
@@ -211,7 +215,8 @@ def _plot_score(run: RunData, ax) -> bool:
     if not drew:
         return False
     ax.set_xlabel("cumulative teacher USD")
-    ax.set_ylabel("student score (accuracy 0–1; ratio to teacher)")
+    ax.set_ylabel("student score")
+    ax.margins(x=0.08, y=0.12)
     ax.xaxis.set_major_formatter(_dollars())
     ax.set_title(f"{run.name}: student vs spend")
     ax.grid(alpha=0.3)
@@ -285,7 +290,7 @@ def render_markdown(run: RunData, drawn: dict[str, Path]) -> str:
                   "USD / accuracy point"]
         rows = []
         for i in run.iterations:
-            v = lambda name, i=i: run.value(i, name)  # noqa: E731
+            v = lambda name, i=i: run.value(i, name)
             rows.append([str(i), _pct(v("accuracy")), _num(v("capability_ratio")), _pct(v("hard_share")),
                          _pct(v("hard_yield")), _pct(v("unscored_share")), _pct(v("order_disagreement_rate")),
                          _num(v("accepted")), _usd(run.usd_iteration(i)), _usd(run.usd_cumulative(i)),
@@ -295,8 +300,8 @@ def render_markdown(run: RunData, drawn: dict[str, Path]) -> str:
         missing = [n for n in EXPECTED if n not in names]
         if missing:
             out += [f"Not measured in this run: {', '.join(f'`{n}`' for n in missing)}.", ""]
-        out += ["Iteration 0 is the student before any training. Accuracy is on the held-out set; the "
-                "capability ratio is the sum of referee scores for the student over the teacher's.", ""]
+        out += [("Iteration 0 is the student before any training. Accuracy is on the held-out set; the "
+                 "capability ratio is the sum of referee scores for the student over the teacher's."), ""]
 
     out += _spend_section(run) + _train_section(run) + _plots_section(run, drawn) + _notes_section(run)
     return "\n".join(out).rstrip() + "\n"
@@ -346,7 +351,7 @@ def _notes_section(run: RunData) -> list[str]:
     config = run.config or {}
     if config.get("teacher", {}).get("provider") == "sim":
         out.append("- The teacher is the simulated teacher, a stand-in for testing the pipeline, not a real "
-                   "teacher; its USD figures are nominal prices, not money spent.")
+                   "teacher; USD for sim calls is at nominal prices, not money spent.")
         heldout = config.get("loop", {}).get("heldout")
         if heldout:
             out.append(f"- The held-out set is the file `{heldout}`; the sim judges it in its own world.")

@@ -52,7 +52,7 @@ def make_run(run_dir: Path, *, metrics: dict | None = None, config: dict | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config or sim_config(run_dir.name)), encoding="utf-8")
     t0 = dt.datetime(2025, 1, 1)
-    at = lambda s: t0 + dt.timedelta(seconds=s)  # noqa: E731
+    at = lambda s: t0 + dt.timedelta(seconds=s)
     store = Store(run_dir / "agentkd.duckdb")
     metrics = METRICS if metrics is None else metrics
     rows = [{"iteration": i, "name": n, "value": v} for i, values in metrics.items() for n, v in values.items()]
