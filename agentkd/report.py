@@ -168,6 +168,7 @@ def _plot_spend(run: RunData, ax) -> bool:
         ax.bar(iterations, heights, bottom=bottom, label=role, color=ROLE_COLORS.get(role), width=0.6)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("USD this iteration")
+    ax.yaxis.set_major_formatter(_dollars())
     ax.set_title(f"{run.name}: teacher spend by role")
     _iteration_axis(ax, iterations)
     handles, labels = ax.get_legend_handles_labels()  # top of the stack first, as drawn
