@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for people and greps
     try:
         return _dispatch(args, console)
     except (ConfigError, TemplateError, StoreLockedError) as err:

@@ -22,7 +22,7 @@ from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.roles import calls
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.tokens import estimate_prompt
-from agentkd.workpool import run_all
+from agentkd.workpool import PoolOutcome, run_all
 
 REQUIRED_FIELDS = {
     "answerer": ("instruction",),
@@ -152,18 +152,17 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
     async with teacher_session(config) as session:
         handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
                            tau=config.loop.tau)
-        outcome = None
+        outcome: PoolOutcome = PoolOutcome()
         try:
-            outcome = await run_all(rows, handle, gateway=session.gateway, label=role,
-                                    concurrency=config.limits.max_concurrency,
-                                    console=console or Console(stderr=True), show_progress=show_progress)
+            await run_all(rows, handle, gateway=session.gateway, label=role, outcome=outcome,
+                          concurrency=config.limits.max_concurrency, console=console or Console(stderr=True),
+                          show_progress=show_progress)
         finally:
-            if outcome is not None:
-                summary.done = len(outcome.results)
-                summary.failed = outcome.failure_classes
-                summary.deferred = outcome.deferred
-                results = {i: {**rows[i], **added} for i, added in outcome.results.items()}
-                results.update({i: {**rows[i], "error": cls} for i, cls in outcome.failed.items()})
+            summary.done = len(outcome.results)
+            summary.failed = outcome.failure_classes
+            summary.deferred = outcome.deferred
+            results = {i: {**rows[i], **added} for i, added in outcome.results.items()}
+            results.update({i: {**rows[i], "error": cls} for i, cls in outcome.failed.items()})
             summary.seconds = time.monotonic() - started
             summary.cache_hits = session.gateway.stats.cache_hits
             summary.rate_limited = session.gateway.stats.rate_limited

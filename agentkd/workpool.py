@@ -41,11 +41,13 @@ class PoolOutcome(Generic[R]):
 
 async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, gateway: Gateway, label: str,
                   concurrency: int, console: Console | None = None, show_progress: bool = True,
-                  on_done: Callable[[], None] | None = None) -> PoolOutcome[R]:
-    outcome: PoolOutcome[R] = PoolOutcome()
+                  on_done: Callable[[], None] | None = None,
+                  outcome: PoolOutcome[R] | None = None) -> PoolOutcome[R]:
+    """Pass `outcome` to keep the partial results when a budget or provider stop raises."""
+    outcome = outcome if outcome is not None else PoolOutcome()
     if not items:
         return outcome
-    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
     for i in range(len(items)):
         queue.put_nowait((i, 0))
     remaining = len(items)
@@ -76,8 +78,11 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
             finished.set()
 
     async def worker() -> None:
-        while True:
-            index, deferrals = await queue.get()
+        while not stop:
+            item = await queue.get()
+            if item is None:
+                return
+            index, deferrals = item
             try:
                 outcome.results[index] = await handle(items[index])
             except Deferred as deferred:
@@ -98,6 +103,11 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
     try:
         with progress:
             await finished.wait()
+            if stop:
+                # Drain: calls in flight finish (and are kept), idle workers leave, nothing new starts.
+                for _ in workers:
+                    queue.put_nowait(None)
+                await asyncio.gather(*workers, return_exceptions=True)
     finally:
         for task in workers:
             task.cancel()

@@ -2,7 +2,8 @@
 
 Contract (prompts/README.md): values arrive as `<data name="NAME">\\n...\\n</data>` blocks. The block names
 present pick the role: answer_a + answer_b -> referee; seed_instruction -> generator (easy when the text
-outside the blocks says "rarer"); input + labels (+ label) -> explainer; otherwise answerer, whose
+outside the blocks says "rarer"); input + labels (+ label) -> explainer (label only when the
+prompt outside the blocks asks for no reason, like prompts/labeler.md); otherwise answerer, whose
 instruction is the `instruction` block or, without blocks, the whole last user message.
 """
 
@@ -27,6 +28,7 @@ from agentkd.teachers.sim.world import (
 
 _BLOCK = re.compile(r'<data name="(?P<name>[A-Za-z_][A-Za-z0-9_]*)">\n?(?P<body>.*?)\n?</data>', re.DOTALL)
 _RARER = re.compile(r"\brarer\b", re.IGNORECASE)
+_REASON = re.compile(r"\breason\b", re.IGNORECASE)
 # Sim tokens: words and single punctuation marks. Deterministic and cheap; not any real tokenizer.
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -84,7 +86,10 @@ def reply(
     if "input" in blocks and "labels" in blocks:
         if "label" in blocks:
             return Reply("explainer_given_label", _explain_given(blocks, json_mode, phrasing))
-        return Reply("explainer", _explain(blocks["input"], json_mode, rng, phrasing, error_rate))
+        text = _explain(blocks["input"], json_mode, rng, phrasing, error_rate)
+        if not _REASON.search(outside) and not json_mode:
+            text = text.split("\n", 1)[0]  # a label-only prompt gets only the label line, as a model would
+        return Reply("explainer", text)
     instruction = blocks.get("instruction", user if not blocks else "")
     return Reply("answerer", _answer(instruction, json_mode, rng, phrasing, error_rate))
 

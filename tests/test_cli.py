@@ -1,0 +1,195 @@
+"""`agentkd teach` / `estimate` / `train` end to end on the simulated teacher, and the exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agentkd.cli import main
+from agentkd.store import Store
+from agentkd.teachers.sim import sim_in_thread
+from agentkd.teachers.sim.world import sample_problems
+from agentkd.config import SimSection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, extra: str = "", *, budget: float = 1.0) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(f'[run]\nname = "t"\ndir = "{tmp_path / "runs"}"\n[teacher]\nprovider = "sim"\n'
+                    f"[budget]\nusd = {budget}\n{extra}")
+    return path
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def problems(n: int, seed: int = 3) -> list[dict]:
+    return [{"instruction": p.text, "id": i} for i, p in enumerate(sample_problems(n, seed=seed))]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_teach_answerer_keeps_input_fields_and_resumes_for_free(tmp_path, capsys):
+    config = write_config(tmp_path)
+    data = write_rows(tmp_path / "in.jsonl", problems(12))
+    out = tmp_path / "out.jsonl"
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = read_rows(out)
+    assert [r["id"] for r in rows] == list(range(12))
+    assert all("The answer is" in r["answer"] for r in rows)
+    first = capsys.readouterr().out
+    assert "12/12 done" in first
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert "answered from the store: 12" in capsys.readouterr().out
+
+
+def test_teach_explainer_with_partial_rationales(tmp_path, capsys):
+    config = write_config(tmp_path)
+    data = write_rows(tmp_path / "in.jsonl", problems(20))
+    out = tmp_path / "out.jsonl"
+    assert main(["teach", str(config), "--role", "explainer", "--input", str(data), "--output", str(out),
+                 "--rationale-rate", "0.5", "--no-progress"]) == 0
+    rows = read_rows(out)
+    assert all(r["label"] is not None for r in rows)
+    with_rationale = sum(r["rationale"] is not None for r in rows)
+    assert 0 < with_rationale < 20  # only the selected share was asked for a reason
+    printed = capsys.readouterr().out
+    assert "0 parse failures" in printed and "saved" in printed  # the zero-shot vs 6-shot comparison
+
+
+def test_teach_referee_and_generator(tmp_path):
+    config = write_config(tmp_path)
+    items = sample_problems(8, seed=5)
+    judged = write_rows(tmp_path / "j.jsonl", [
+        {"instruction": p.text, "teacher_answer": f"The answer is {p.answer}.", "student_answer": "The answer is 99999."}
+        for p in items])
+    out = tmp_path / "j_out.jsonl"
+    assert main(["teach", str(config), "--role", "referee", "--input", str(judged), "--output", str(out),
+                 "--no-progress"]) == 0
+    verdicts = [r["verdict"] for r in read_rows(out)]
+    assert verdicts.count("hard") >= 5  # a wrong student answer is judged worse than the teacher's
+
+    seeds = write_rows(tmp_path / "s.jsonl", problems(10))
+    gen_out = tmp_path / "g_out.jsonl"
+    assert main(["teach", str(config), "--role", "generator", "--input", str(seeds), "--output", str(gen_out),
+                 "--mode", "easy", "--no-progress"]) == 0
+    rows = read_rows(gen_out)
+    assert all(r["new_instruction"] for r in rows)
+    assert all((r["accepted"] and r["reject_reason"] is None) or (not r["accepted"] and r["reject_reason"])
+               for r in rows)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a"}\nnot json\n', ":2: not valid JSON"),
+    ('{"instruction": "a"}\n{"text": "b"}\n', ":2: field 'instruction' is missing"),
+    ("", "no rows"),
+])
+def test_bad_input_exits_2_naming_the_line_and_sends_nothing(tmp_path, capsys, content, message):
+    config = write_config(tmp_path)
+    data = tmp_path / "in.jsonl"
+    data.write_text(content)
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output",
+                 str(tmp_path / "o.jsonl"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "runs" / "t" / "agentkd.duckdb").exists()
+
+
+def test_bad_encoding_names_the_line(tmp_path, capsys):
+    config = write_config(tmp_path)
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b'{"instruction": "a"}\n{"instruction": "\xff\xfe"}\n')
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    assert "in.jsonl:2: not UTF-8" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_bad_config_exits_2(tmp_path, capsys):
+    config = write_config(tmp_path, "[limits]\nrpmm = 3\n")
+    assert main(["estimate", str(config)]) == 2
+    assert "limits.rpmm: unknown key" in capsys.readouterr().err
+
+
+def test_budget_too_small_exits_3_and_a_larger_one_finishes(tmp_path, capsys):
+    config = write_config(tmp_path, budget=0.0005)  # ~6 calls: each reserves $0.00032, costs ~$0.00003
+    data = write_rows(tmp_path / "in.jsonl", problems(30))
+    out = tmp_path / "out.jsonl"
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output", str(out),
+                 "--no-progress"]) == 3
+    assert "budget exhausted" in capsys.readouterr().err
+    partial = len(read_rows(out))
+    assert 0 < partial < 30
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output", str(out),
+                 "--no-progress", "--set", "budget.usd=1"]) == 0
+    assert len(read_rows(out)) == 30
+
+
+def test_refused_key_exits_4_naming_the_variable_not_the_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SIM_KEY", "sk-wrong-key-1234")
+    config = write_config(tmp_path, '[sim]\nrequire_api_key = "sk-right"\n')
+    text = config.read_text().replace('provider = "sim"\n', 'provider = "sim"\napi_key_env = "SIM_KEY"\n')
+    config.write_text(text)
+    data = write_rows(tmp_path / "in.jsonl", problems(3))
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output",
+                 str(tmp_path / "o.jsonl"), "--no-progress"]) == 4
+    err = capsys.readouterr().err
+    assert "SIM_KEY" in err and "sk-wrong-key-1234" not in err
+
+
+def test_estimate_sends_nothing_and_counts_stored_calls(tmp_path, capsys):
+    config = write_config(tmp_path)
+    data = write_rows(tmp_path / "in.jsonl", problems(10))
+    assert main(["estimate", str(config), "--role", "answerer", "--input", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "calls to send:        10" in out and "worst case" in out
+    assert not (tmp_path / "runs" / "t" / "agentkd.duckdb").exists()
+    assert main(["teach", str(config), "--role", "answerer", "--input", str(data), "--output",
+                 str(tmp_path / "o.jsonl"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["estimate", str(config), "--role", "answerer", "--input", str(data)]) == 0
+    assert "already stored, free: 10" in capsys.readouterr().out
+
+
+def test_estimate_of_the_whole_loop(capsys):
+    assert main(["estimate", str(ROOT / "examples" / "quickstart.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "generator" in out and "referee" in out and "total" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_cleanly_and_a_rerun_pays_nothing_twice(tmp_path):
+    with sim_in_thread(SimSection(latency_ms=50), seed=1) as sim:
+        config = tmp_path / "run.toml"
+        config.write_text(f'[run]\nname = "t"\ndir = "{tmp_path / "runs"}"\n[teacher]\nprovider = "sim"\n'
+                          f'base_url = "{sim.base_url}"\n[limits]\nmax_concurrency = 4\n[budget]\nusd = 1\n')
+        data = write_rows(tmp_path / "in.jsonl", problems(150))
+        out = tmp_path / "out.jsonl"
+        cmd = [sys.executable, "-m", "agentkd.cli", "teach", str(config), "--role", "answerer", "--input",
+               str(data), "--output", str(out), "--no-progress"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while sim.stats()["billed_requests"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "re-run" in err
+        assert 0 < len(read_rows(out)) < 150
+        rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+        assert len(read_rows(out)) == 150
+        billed = sim.stats()["billed_by_key"]
+        assert len(billed) == 150 and max(billed.values()) == 1
