@@ -209,6 +209,11 @@ class LoopSection(Section):
     judge_sample: int | Literal["all"] = Field(200, description="Cache Pool items judged per iteration.")
     rouge_max: float = Field(0.7, gt=0, le=1)
     rationale_rate: float = Field(1.0, ge=0, le=1, description="XR: share of rows asked for rationales.")
+    imitate_on: Literal["train_pool", "cache_pool"] = Field(
+        "train_pool",
+        description="Train each iteration on the Train Pool (Lion: only the new instructions) or on the "
+        "whole Cache Pool answered so far (steadier for small students).",
+    )
     targeted_generation: bool = Field(
         False, description="Show the hard generator the student's failure (beyond the paper)."
     )

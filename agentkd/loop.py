@@ -53,10 +53,14 @@ def run_loop(config: RunConfig, *, show_progress: bool = True, console: Console 
 
 
 async def _run(config: RunConfig, show_progress: bool, console: Console) -> str:
+    from agentkd.report import write_report
+
     async with teacher_session(config) as session:
         lion = Lion(config, session, console, show_progress)
         await lion.run()
-        return lion.summary()
+        summary = lion.summary()
+    write_report(config.run_dir)  # reads the database, so after the session has closed it
+    return summary
 
 
 class Lion:
@@ -80,7 +84,6 @@ class Lion:
             await self._stage(done, t, "judge", lambda t=t: self.judge(t))
             await self._stage(done, t, "generate", lambda t=t: self.generate(t))
             await self._stage(done, t, "eval", lambda t=t: self.evaluate(t))
-        self._write_report()
 
     async def _stage(self, done: set, iteration: int, stage: str, body: Callable[[], Awaitable[None]]) -> None:
         if (iteration, stage) in done:
@@ -131,8 +134,8 @@ class Lion:
         await self._each(items, handle, f"answer A({t})")
 
     async def train(self, t: int) -> None:
-        """Fine-tune on A(t), continuing from iteration t-1 (Lion), in a worker thread."""
-        examples = examples_from_store(self.store, iteration=t)
+        """Fine-tune on A(t) (or all of B(t)), continuing from iteration t-1 (Lion), in a worker thread."""
+        examples = examples_from_store(self.store, iteration=t, up_to=self.loop.imitate_on == "cache_pool")
         if not examples:
             self.console.print(f"iteration {t}: no teacher-answered instructions in A({t}); training skipped")
             return
@@ -315,11 +318,6 @@ class Lion:
     async def _metrics(self, t: int, values: dict[str, float | None]) -> None:
         await self.store.write_many("metrics", [{"iteration": t, "name": k, "value": float(v)}
                                                 for k, v in values.items() if v is not None])
-
-    def _write_report(self) -> None:
-        from agentkd.report import write_report
-
-        self.report_path = write_report(self.config.run_dir)
 
     def summary(self) -> str:
         first, last = pools.metric(self.store, 0, "accuracy"), pools.metric(self.store, self.loop.iterations, "accuracy")

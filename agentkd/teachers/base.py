@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 
@@ -39,7 +40,7 @@ class TeacherRequest:
             "sample": self.sample,
         }
 
-    @property
+    @cached_property
     def key(self) -> str:
         """sha256 of the canonical request: the cache and never-pay-twice key."""
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -21,7 +21,7 @@ from agentkd.teachers.base import (
     error_for_status,
     rate_limit_headers,
 )
-from agentkd.teachers.wire import anthropic_body, openai_body, parse_anthropic, parse_openai
+from agentkd.teachers.wire import REQUEST_KEY_HEADER, anthropic_body, openai_body, parse_anthropic, parse_openai
 
 
 class OpenAISDKTeacher:
@@ -33,7 +33,8 @@ class OpenAISDKTeacher:
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
         body = openai_body(request, self.provider)
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**body, timeout=timeout_s)
+            raw = await self._client.chat.completions.with_raw_response.create(
+                **body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
             data = _as_dict(raw.parse(), raw.headers)
         except openai.APIStatusError as err:
             raise error_for_status(err.status_code, err.response.text,
@@ -63,8 +64,8 @@ class AnthropicSDKTeacher:
         # anthropic 2.x has no temperature parameter on messages.create; the API still takes it.
         extra_body = {"temperature": body.pop("temperature")}
         try:
-            raw = await self._client.messages.with_raw_response.create(**body, extra_body=extra_body,
-                                                                       timeout=timeout_s)
+            raw = await self._client.messages.with_raw_response.create(
+                **body, extra_body=extra_body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
             data = _as_dict(await raw.parse(), raw.headers)
         except anthropic.APIStatusError as err:
             raise error_for_status(err.status_code, err.response.text,

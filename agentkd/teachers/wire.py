@@ -25,6 +25,7 @@ from agentkd.teachers.base import (
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
+REQUEST_KEY_HEADER = "x-agentkd-request-key"
 _STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "stop": "stop"}
 
 
@@ -66,7 +67,10 @@ class WireTeacher:
         payload = json.dumps(self.body(request), ensure_ascii=False)
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
         try:
-            async with self._client().post(self._url, data=payload, timeout=timeout) as response:
+            # The request key (a hash; no secret) lets provider-side logs and the sim's ledger tell a
+            # deliberate second sample of a prompt from a retry of the same request.
+            key_header = {REQUEST_KEY_HEADER: request.key}
+            async with self._client().post(self._url, data=payload, timeout=timeout, headers=key_header) as response:
                 headers = rate_limit_headers(response.headers)
                 request_id = response.headers.get("x-request-id") or response.headers.get("request-id")
                 raw = await response.read()

@@ -15,6 +15,8 @@ from agentkd.teachers.sim import roles
 MODEL_IDS = ("sim-teacher-1",)
 # Output cap (and rate-limit cost) when an OpenAI request names no max_tokens.
 DEFAULT_MAX_TOKENS = 1024
+# Header a client may send with its own request key (agentkd's gateway does); it then keys the ledger.
+CLIENT_KEY_HEADER = "x-agentkd-request-key"
 # Fields of the request body that make up request_key (ledger of repeated, i.e. paid-twice, requests).
 KEY_FIELDS = ("model", "messages", "system", "temperature", "max_tokens", "max_completion_tokens",
               "response_format", "top_logprobs")

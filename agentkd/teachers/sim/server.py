@@ -25,7 +25,7 @@ from aiohttp import web
 from agentkd.config import SimSection
 from agentkd.teachers.sim import roles
 from agentkd.teachers.sim.faults import HTML_PAGE, Fault, dumps, error_body, parse_script, quota_error, random_fault
-from agentkd.teachers.sim.protocol import MODEL_IDS, BadRequest, ModelRequest, parse_request, response_body
+from agentkd.teachers.sim.protocol import CLIENT_KEY_HEADER, MODEL_IDS, BadRequest, ModelRequest, parse_request, response_body
 from agentkd.teachers.sim.ratelimit import RateLimiter, retry_after_headers
 
 
@@ -154,6 +154,11 @@ class SimTeacher:
         except (ValueError, BadRequest) as err:
             message = str(err) if isinstance(err, BadRequest) else "The body is not valid JSON."
             return self._error(request, api, 400, {}, message=message)
+        # A client's own request key, when sent, identifies the request in the ledger: two deliberate
+        # samples of one prompt (same body) are two requests, not one request paid twice.
+        client_key = request.headers.get(CLIENT_KEY_HEADER)
+        if client_key:
+            parsed.key = client_key[:128]
         admission = self.limiter.admit(parsed.prompt_tokens + parsed.max_tokens)
         headers = self.limiter.headers()
         if admission.too_large:
