@@ -7,7 +7,6 @@ so under asyncio it is atomic however many tasks race for the last dollars.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +56,6 @@ class Budget:
         self.reserved_tokens = 0
         self._ids = itertools.count()
         self._prefix = ""
-        self._settled = asyncio.Event()  # set whenever a reservation closes: waiters re-check room
 
     def restore(self, *, usd: float, tokens: int, run_id: str = "") -> None:
         """Seed from the store on resume: what earlier processes spent (or may have) counts."""
@@ -82,15 +80,6 @@ class Budget:
             return False
         return True
 
-    async def acquire(self, key: str, model: str, input_tokens: int, max_tokens: int) -> Reservation:
-        """Reserve, waiting while calls in flight hold the room: they may settle for less than reserved.
-        Raises BudgetExhausted once the call cannot fit even with nothing in flight."""
-        usd, tokens = self.worst_case(model, input_tokens, max_tokens)
-        while not self.fits(usd, tokens) and (self.reserved_usd > 1e-12 or self.reserved_tokens > 0):
-            self._settled.clear()
-            await self._settled.wait()
-        return self.reserve(key, model, input_tokens, max_tokens)
-
     def reserve(self, key: str, model: str, input_tokens: int, max_tokens: int) -> Reservation:
         usd, tokens = self.worst_case(model, input_tokens, max_tokens)
         if not self.fits(usd, tokens):
@@ -114,14 +103,12 @@ class Budget:
             tokens = usage.input_tokens + usage.output_tokens
         self.settled_usd += usd
         self.settled_tokens += tokens
-        self._settled.set()
         return usd, tokens
 
     def release(self, reservation: Reservation) -> None:
         """Nothing reached the provider: the reservation is returned whole."""
         self.reserved_usd -= reservation.usd
         self.reserved_tokens -= reservation.tokens
-        self._settled.set()
 
     def _caps(self) -> str:
         parts = []
