@@ -34,8 +34,7 @@ from agentkd.store import Store
 from agentkd.teachers.base import AuthError, QuotaExceeded, TeacherRequest
 from agentkd.teachers.sdk import AnthropicSDKTeacher, OpenAISDKTeacher
 from agentkd.teachers.sim import SimTeacher, sim_in_thread
-from agentkd.teachers.sim.protocol import request_key
-from agentkd.teachers.wire import WireTeacher, openai_body
+from agentkd.teachers.wire import WireTeacher
 from tests.gateway_fakes import FakeClock
 
 TRANSPORTS = ["wire-openai", "wire-anthropic", "sdk-openai", "sdk-anthropic"]
@@ -630,7 +629,7 @@ def run_child(path, base_url: str, kill_after: int | None) -> list[str]:
 def test_kill_9_mid_run_loses_no_acknowledged_row_and_resume_repays_nothing_stored(tmp_path):
     path = tmp_path / "run.duckdb"
     requests = kill_workload()
-    sim_key = {r.key: request_key(openai_body(r, "sim")) for r in requests}
+    sim_key = {r.key: r.key for r in requests}  # the gateway sends its request key; the sim bills by it
     with sim_in_thread(SimSection(error_rate=0.0, latency_ms=20.0), seed=1) as sim:
         first = run_child(path, sim.base_url, kill_after=KILL_N // 3)
         store = Store(path, read_only=True)  # DuckDB reopens after kill -9 (WAL replay)
