@@ -109,9 +109,9 @@ async def run_sdk_raw(base_url: str, requests: list[TeacherRequest], concurrency
 async def main(n: int, concurrency: int, rounds: int) -> dict:
     proc, base_url = start_sim()
     try:
-        wire = lambda: WireTeacher(provider="sim", wire="openai", base_url=base_url + "/v1", api_key=None,  # noqa: E731
+        wire = lambda: WireTeacher(provider="sim", wire="openai", base_url=base_url + "/v1", api_key=None,
                                    max_connections=concurrency)
-        sdk = lambda: OpenAISDKTeacher(provider="sim", base_url=base_url + "/v1", api_key=None)  # noqa: E731
+        sdk = lambda: OpenAISDKTeacher(provider="sim", base_url=base_url + "/v1", api_key=None)
         await run_raw(base_url, workload(300, "warm"), concurrency)
         await run_gateway(wire(), workload(300, "warm-gw"), concurrency)
         best: dict[str, float] = {}

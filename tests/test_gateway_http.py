@@ -27,7 +27,13 @@ from pathlib import Path
 import pytest
 
 from agentkd.budget import Budget, BudgetExhausted
-from agentkd.config import SIM_PRICE, LimitsSection, PriceSection, SimSection, resolve_api_key
+from agentkd.config import (
+    SIM_PRICE,
+    LimitsSection,
+    PriceSection,
+    SimSection,
+    resolve_api_key,
+)
 from agentkd.gateway import CallFailed, Gateway, spent_in_store
 from agentkd.retry import Deferred
 from agentkd.store import Store
