@@ -300,6 +300,8 @@ class Lion:
 
     def _spend_metrics(self, t: int) -> dict[str, float]:
         cumulative = pools.spend_by_role(self.store)
+        if t == 0:  # the baseline runs after A(1) is answered: that spend belongs to iteration 1
+            cumulative = {role: usd for role, usd in cumulative.items() if role == "eval"}
         metrics = {"usd_cumulative": sum(cumulative.values())}
         for role, usd in cumulative.items():
             before = pools.metric(self.store, t - 1, f"usd_cumulative/{role}") if t > 0 else 0.0

@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from agentkd.config import ConfigError, RunConfig
 from agentkd.store import Store
 from agentkd.students import Student, build_student, load_checkpoint, load_spec
 from agentkd.train import TrainResult, train
 from agentkd.train_data import TrainingExample
+
+hf_logging.disable_progress_bar()  # "Writing model shards" bars on every checkpoint are noise here
 
 # One teacher answer per instruction (the latest), with the explainer's label and rationale if any.
 _EXAMPLES_SQL = """
