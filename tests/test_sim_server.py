@@ -372,10 +372,13 @@ async def test_generator_hard_keeps_kind_and_easy_goes_rarer(sim):
 
 
 async def test_explainer_labels_and_explains(sim):
-    user = block("input", PROBLEM.text) + "\n" + block("labels", "a whole number")
+    user = "Give a label and a reason.\n" + block("input", PROBLEM.text) + "\n" + block("labels", "a whole number")
     text = await ask(sim, user)
     label_line, reason_line = text.split("\n")
     assert label_line == f"Label: {PROBLEM.answer}" and reason_line.startswith("Reason: ")
+    # A prompt that asks for the label only (prompts/labeler.md) gets the label line only.
+    label_only = "Give the label.\n" + block("input", PROBLEM.text) + "\n" + block("labels", "a whole number")
+    assert await ask(sim, label_only) == f"Label: {PROBLEM.answer}"
     as_json = json.loads(await ask(sim, user, response_format={"type": "json_object"}))
     assert as_json["label"] == str(PROBLEM.answer) and len(as_json["rationale"].split()) >= 5
     given = await ask(sim, user + "\n" + block("label", str(PROBLEM.answer)))
