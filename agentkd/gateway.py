@@ -139,11 +139,23 @@ class Gateway:
         started = self._clock()
         last_error: TeacherError | None = None
         try:
-            async for attempt in retrying(self.limits, sleep=self._sleep, rng=self._rng,
-                                          on_wait=self._on_wait):
-                with attempt:
-                    attempts += 1
-                    reply, cost = await self._attempt(teacher, request, key, estimate.tokens, attempts)
+            try:
+                # The first attempt goes straight out: most calls succeed at once, and building the
+                # tenacity loop costs more than the rest of the gateway's bookkeeping together.
+                attempts = 1
+                reply, cost = await self._attempt(teacher, request, key, estimate.tokens, attempts)
+            except TeacherError as first:
+                # From here on, the one retry loop: tenacity sees the first failure as its attempt 1,
+                # so waits, stops and Deferred are exactly those of a loop that made every attempt.
+                failed: TeacherError | None = first
+                async for attempt in retrying(self.limits, sleep=self._sleep, rng=self._rng,
+                                              on_wait=self._on_wait):
+                    with attempt:
+                        if failed is not None:
+                            error, failed = failed, None
+                            raise error
+                        attempts += 1
+                        reply, cost = await self._attempt(teacher, request, key, estimate.tokens, attempts)
         except Deferred:
             self.stats.deferred += 1
             raise
