@@ -223,10 +223,12 @@ class Gateway:
                 usd, tokens = 0.0, 0
             self._budget_freed.set()
             self._budget_freed = asyncio.Event()
-            # Queued, not awaited: the final call row is awaited after them, and the writer is FIFO.
-            self._record(_ledger_row(reservation, outcome, usd, tokens), "reservations")
-            self._record({"key": key, "attempt": attempt, "status_code": status, "error_class": error_class,
-                          "latency_s": self._clock() - t0}, "attempts")
+            # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
+            # closing ledger row is also the attempt's record (the `attempts` view).
+            row = _ledger_row(reservation, outcome, usd, tokens)
+            row.update(attempt=attempt, status_code=status, error_class=error_class,
+                       latency_s=self._clock() - t0)
+            self._record(row, "reservations")
 
     async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int) -> Reservation:
         """Reserve the worst case; while other calls are in flight, wait for them to settle first.

@@ -31,16 +31,13 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("batch_id", "VARCHAR"), ("estimator", "VARCHAR"), ("logprobs_json", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
     ],
-    # One row per HTTP attempt, so retries and the waits between them are visible.
-    "attempts": [
-        ("key", "VARCHAR"), ("attempt", "INTEGER"), ("status_code", "INTEGER"),
-        ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"), ("wait_s", "DOUBLE"),
-        ("created_at", "TIMESTAMP"),
-    ],
-    # The budget ledger: a reserve row before every attempt, a settle row after it.
+    # The budget ledger: a reserve row before every HTTP attempt, and a settle (or release) row after
+    # it that also records the attempt: its number, HTTP status, error class and latency. One row per
+    # attempt, so retries are visible (the `attempts` view) without a third table to commit per call.
     "reservations": [
         ("reservation_id", "VARCHAR"), ("key", "VARCHAR"), ("event", "VARCHAR"), ("usd", "DOUBLE"),
-        ("tokens", "BIGINT"), ("created_at", "TIMESTAMP"),
+        ("tokens", "BIGINT"), ("created_at", "TIMESTAMP"), ("attempt", "INTEGER"),
+        ("status_code", "INTEGER"), ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"),
     ],
     "instructions": [
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),
@@ -81,7 +78,14 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
     "loop_state": [("iteration", "INTEGER"), ("stage", "VARCHAR"), ("created_at", "TIMESTAMP")],
 }
 
+# Read-only views over the tables, created with them.
+VIEWS: dict[str, str] = {
+    "attempts": "SELECT key, attempt, status_code, error_class, latency_s, created_at FROM reservations "
+                "WHERE event <> 'reserve'",
+}
+
 COLUMNS: dict[str, tuple[str, ...]] = {t: tuple(c for c, _ in cols) for t, cols in SCHEMA.items()}
+_COLUMN_SETS: dict[str, frozenset[str]] = {t: frozenset(cols) for t, cols in COLUMNS.items()}
 _FLUSH_BATCH = 2_000
 
 
@@ -98,13 +102,13 @@ def _now() -> dt.datetime:
 
 
 def _to_tuple(table: str, row: Mapping[str, Any]) -> tuple:
-    columns = COLUMNS[table]
-    unknown = set(row) - set(columns)
-    if unknown:
-        raise KeyError(f"{table}: unknown column(s) {sorted(unknown)}")
-    if row.get("created_at") is None:
-        row = {**row, "created_at": _now()}
-    return tuple(row.get(c) for c in columns)
+    if not row.keys() <= _COLUMN_SETS[table]:
+        raise KeyError(f"{table}: unknown column(s) {sorted(set(row) - _COLUMN_SETS[table])}")
+    get = row.get
+    values = [get(c) for c in COLUMNS[table]]
+    if get("created_at") is None:
+        values[COLUMNS[table].index("created_at")] = _now()
+    return tuple(values)
 
 
 def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -134,6 +138,7 @@ class Store:
         if not read_only:
             self._create_schema()
         self._write_lock = threading.Lock()
+        self._appenders: dict[str, duckdb.Appender] = {}  # reused: creating one costs ~1 ms
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self.failure: StoreError | None = None
@@ -142,6 +147,18 @@ class Store:
         for table, cols in SCHEMA.items():
             body = ", ".join(f'"{c}" {t}' for c, t in cols)
             self._con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({body})')
+        # A file from an earlier version: columns are only ever appended, so add the missing ones.
+        present = set(self._con.execute("SELECT table_name, column_name FROM information_schema.columns")
+                      .fetchall())
+        for table, cols in SCHEMA.items():
+            for column, kind in cols:
+                if (table, column) not in present:
+                    self._con.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+        existing = {r[0] for r in self._con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
+        for view, sql in VIEWS.items():
+            if view not in existing:  # earlier versions had an `attempts` table: it stays readable as is
+                self._con.execute(f'CREATE OR REPLACE VIEW "{view}" AS {sql}')
 
     # ---- writing -----------------------------------------------------------------------------
     def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -155,12 +172,25 @@ class Store:
             raise self.failure
         with self._write_lock:
             try:
-                for table, rows in batch.items():
-                    if not rows:
-                        continue
-                    appender = self._con.appender(table)
-                    appender.append_rows(rows)
-                    appender.flush()
+                # One transaction per batch (all of its tables or none), through appenders kept open.
+                self._con.begin()
+                try:
+                    for table, rows in batch.items():
+                        if not rows:
+                            continue
+                        appender = self._appenders.get(table)
+                        if appender is None:
+                            appender = self._appenders[table] = self._con.appender(table)
+                        appender.append_rows(rows)
+                        appender.flush()
+                    self._con.commit()
+                except BaseException:
+                    self._appenders.clear()
+                    try:
+                        self._con.rollback()
+                    except duckdb.Error:
+                        pass
+                    raise
             except (duckdb.Error, OSError) as err:
                 self.failure = StoreError(f"{self.path}: write failed: {err}")
                 raise self.failure from err
@@ -229,6 +259,7 @@ class Store:
 
     def close_sync(self) -> None:
         with self._write_lock:
+            self._appenders.clear()
             if not self.read_only and self.failure is None:
                 try:
                     self._con.execute("CHECKPOINT")

@@ -14,15 +14,47 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from agentkd.store import COLUMNS, SCHEMA, Store, StoreError, StoreLockedError
+from agentkd.store import COLUMNS, SCHEMA, VIEWS, Store, StoreError, StoreLockedError
 
 
 def test_schema_has_the_tables_the_design_requires(tmp_path):
     store = Store(tmp_path / "run.duckdb")
-    tables = {r[0] for r in store.query("SELECT table_name FROM information_schema.tables")}
+    kinds = dict(store.query("SELECT table_name, table_type FROM information_schema.tables"))
     store.close_sync()
+    tables = {name for name, kind in kinds.items() if kind == "BASE TABLE"}
     assert {"calls", "instructions", "responses", "judgments", "rationales", "reservations",
             "train_runs", "metrics"} <= tables == set(SCHEMA)
+    assert {name for name, kind in kinds.items() if kind == "VIEW"} == set(VIEWS) == {"attempts"}
+
+
+def test_a_file_from_an_earlier_version_gains_the_new_columns(tmp_path):
+    path = tmp_path / "run.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE reservations (reservation_id VARCHAR, key VARCHAR, event VARCHAR, usd DOUBLE, "
+                "tokens BIGINT, created_at TIMESTAMP)")
+    con.execute("INSERT INTO reservations VALUES ('r0', 'k', 'reserve', 1.0, 10, now())")
+    con.close()
+    store = Store(path)
+    store.append_now("reservations", [{"reservation_id": "r0", "key": "k", "event": "settle", "usd": 0.5,
+                                       "tokens": 5, "attempt": 1, "status_code": 200}])
+    assert store.query("SELECT event, attempt, status_code FROM reservations ORDER BY created_at") == [
+        ("reserve", None, None), ("settle", 1, 200)]
+    assert store.query("SELECT key, attempt, status_code FROM attempts") == [("k", 1, 200)]
+    store.close_sync()
+
+
+def test_a_batch_is_one_transaction_and_appenders_are_reused(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    for i in range(3):
+        store._flush({"metrics": [(i, "x", float(i), i, None)],
+                      "loop_state": [(i, "done", None)]})
+    assert store.count("metrics") == 3 and store.count("loop_state") == 3
+    assert set(store._appenders) == {"metrics", "loop_state"}
+    # A batch that fails part-way leaves nothing of itself behind.
+    with pytest.raises(StoreError):
+        store._flush({"metrics": [(1, "y", 1.0, 1, None)], "loop_state": [("not an int", "x", None)]})
+    assert store.count("metrics") == 3
+    store._con.close()
 
 
 async def test_async_writes_are_readable_after_ack(tmp_path):
