@@ -46,7 +46,6 @@ class TeachSummary:
     cache_hits: int = 0
     rate_limited: int = 0
     seconds: float = 0.0
-    stopped_by: str | None = None  # "budget" | "interrupted" | an error class
 
     def line(self, budget_usd: float | None) -> str:
         cap = f" of ${budget_usd:g}" if budget_usd is not None else ""

@@ -6,6 +6,8 @@ the same body builders and parsers as the aiohttp transport, so both transports 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anthropic
@@ -21,7 +23,13 @@ from agentkd.teachers.base import (
     error_for_status,
     rate_limit_headers,
 )
-from agentkd.teachers.wire import REQUEST_KEY_HEADER, anthropic_body, openai_body, parse_anthropic, parse_openai
+from agentkd.teachers.wire import (
+    REQUEST_KEY_HEADER,
+    anthropic_body,
+    openai_body,
+    parse_anthropic,
+    parse_openai,
+)
 
 
 class OpenAISDKTeacher:
@@ -32,19 +40,10 @@ class OpenAISDKTeacher:
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
         body = openai_body(request, self.provider)
-        try:
+        with _mapped_errors(openai, timeout_s):
             raw = await self._client.chat.completions.with_raw_response.create(
                 **body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
             data = _as_dict(raw.parse(), raw.headers)
-        except openai.APIStatusError as err:
-            raise error_for_status(err.status_code, err.response.text,
-                                   rate_limit_headers(err.response.headers)) from None
-        except openai.APITimeoutError:
-            raise ReadTimeout(f"no complete answer within {timeout_s:g} s") from None
-        except openai.APIConnectionError as err:
-            raise _connection_error(err) from None
-        except (openai.APIResponseValidationError, ValueError) as err:
-            raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
         reply = parse_openai(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("x-request-id") or data.get("id")
@@ -63,19 +62,10 @@ class AnthropicSDKTeacher:
         body = anthropic_body(request)
         # anthropic 2.x has no temperature parameter on messages.create; the API still takes it.
         extra_body = {"temperature": body.pop("temperature")}
-        try:
+        with _mapped_errors(anthropic, timeout_s):
             raw = await self._client.messages.with_raw_response.create(
                 **body, extra_body=extra_body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
             data = _as_dict(await raw.parse(), raw.headers)
-        except anthropic.APIStatusError as err:
-            raise error_for_status(err.status_code, err.response.text,
-                                   rate_limit_headers(err.response.headers)) from None
-        except anthropic.APITimeoutError:
-            raise ReadTimeout(f"no complete answer within {timeout_s:g} s") from None
-        except anthropic.APIConnectionError as err:
-            raise _connection_error(err) from None
-        except (anthropic.APIResponseValidationError, ValueError) as err:
-            raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
         reply = parse_anthropic(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("request-id") or data.get("id")
@@ -83,6 +73,21 @@ class AnthropicSDKTeacher:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+@contextmanager
+def _mapped_errors(sdk: Any, timeout_s: float) -> Iterator[None]:
+    """Both SDKs share one exception tree shape: map it onto ours, once."""
+    try:
+        yield
+    except sdk.APIStatusError as err:
+        raise error_for_status(err.status_code, err.response.text, rate_limit_headers(err.response.headers)) from None
+    except sdk.APITimeoutError:
+        raise ReadTimeout(f"no complete answer within {timeout_s:g} s") from None
+    except sdk.APIConnectionError as err:
+        raise _connection_error(err) from None
+    except (sdk.APIResponseValidationError, ValueError) as err:
+        raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
 
 
 def _as_dict(parsed: object, headers: Any) -> dict[str, Any]:
