@@ -193,3 +193,29 @@ def test_ctrl_c_exits_cleanly_and_a_rerun_pays_nothing_twice(tmp_path):
         assert len(read_rows(out)) == 150
         billed = sim.stats()["billed_by_key"]
         assert len(billed) == 150 and max(billed.values()) == 1
+
+
+def test_sim_teacher_command_answers_both_official_sdks():
+    import anthropic
+    import openai
+
+    proc = subprocess.Popen([sys.executable, "-m", "agentkd.cli", "sim-teacher", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("simulated teacher listening on http://127.0.0.1:")
+        base_url = line.rsplit(" ", 1)[1].strip()
+        problem = sample_problems(1, seed=8)[0]
+        chat = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="sim-teacher-1", messages=[{"role": "user", "content": problem.text}], temperature=0)
+        assert f"The answer is {problem.answer}." in chat.choices[0].message.content
+        assert chat.usage.prompt_tokens > 0
+        message = anthropic.Anthropic(base_url=base_url, api_key="x", max_retries=0).messages.create(
+            model="sim-teacher-1", max_tokens=200, messages=[{"role": "user", "content": problem.text}])
+        assert message.content[0].text.endswith(f"The answer is {problem.answer}.")
+        assert message.usage.output_tokens > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
