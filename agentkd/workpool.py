@@ -8,6 +8,8 @@ quota and store failures stop everything and propagate.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +24,10 @@ from agentkd.gateway import CallFailed, Gateway
 from agentkd.retry import Deferred
 from agentkd.store import StoreError
 from agentkd.teachers.base import TeacherError
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: calls in flight were allowed to finish and are stored; the run resumes on re-run."""
+
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -99,6 +105,18 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
                 return
             advance()
 
+    def interrupt() -> None:
+        # First Ctrl-C: stop taking items and let calls in flight finish, so nothing the provider already
+        # answered is bought again on resume. A second Ctrl-C falls through to Python's default.
+        loop.remove_signal_handler(signal.SIGINT)
+        console_note = "interrupted: finishing the calls in flight (Ctrl-C again to abort)"
+        (console or Console(stderr=True)).print(console_note)
+        stop.append(Interrupted())
+        finished.set()
+
+    graceful = threading.current_thread() is threading.main_thread()
+    if graceful:
+        loop.add_signal_handler(signal.SIGINT, interrupt)
     workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(items)))]
     try:
         with progress:
@@ -109,6 +127,8 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
                     queue.put_nowait(None)
                 await asyncio.gather(*workers, return_exceptions=True)
     finally:
+        if graceful:
+            loop.remove_signal_handler(signal.SIGINT)
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
