@@ -262,7 +262,7 @@ class Gateway:
         row: dict[str, Any] = {
             "key": key, "role": request.role, "provider": request.provider, "model": request.model,
             "prompt_version": request.prompt_version,
-            "request_json": json.dumps(request.canonical(), ensure_ascii=False),
+            "request_json": request.canonical_json,
             "attempts": attempts, "latency_s": latency, "estimator": estimator, "batch_id": self._session,
         }
         if reply is not None:

@@ -34,6 +34,14 @@ def _offline_encoding() -> tiktoken.Encoding | None:
         return None  # the offline file is not installed: fall back
 
 
+@functools.lru_cache(maxsize=1024)
+def _encoded_length(text: str) -> int:
+    """cl100k tokens in one message; cached because system prompts and templates repeat across calls."""
+    encoding = _offline_encoding()
+    assert encoding is not None
+    return len(encoding.encode(text, disallowed_special=()))
+
+
 def fallback_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN * FALLBACK_MARGIN)
 
@@ -43,7 +51,7 @@ def estimate_prompt(messages: tuple[dict[str, str], ...] | list[dict[str, str]],
     encoding = _offline_encoding() if provider in ("openai", "openai_compatible", "sim") else None
     overhead = MESSAGE_OVERHEAD * len(messages) + 3
     if encoding is not None:
-        body = sum(len(encoding.encode(m["content"], disallowed_special=())) for m in messages)
+        body = sum(_encoded_length(m["content"]) for m in messages)
         # Other OpenAI encodings (o200k) and open models differ by a few percent from cl100k.
         return Estimate(math.ceil(body * 1.1) + overhead, "tiktoken:cl100k_base+10%")
     body = sum(fallback_tokens(m["content"]) for m in messages)

@@ -41,10 +41,14 @@ class TeacherRequest:
         }
 
     @cached_property
+    def canonical_json(self) -> str:
+        """The canonical request as compact JSON with sorted keys: what the key hashes and the store keeps."""
+        return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @cached_property
     def key(self) -> str:
         """sha256 of the canonical request: the cache and never-pay-twice key."""
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return hashlib.sha256(self.canonical_json.encode("utf-8")).hexdigest()
 
     def text(self) -> str:
         return "\n".join(m["content"] for m in self.messages)
@@ -204,4 +208,5 @@ RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-aft
 
 def rate_limit_headers(headers: Any) -> dict[str, str]:
     """Keep only the headers the limiter and retry policy read (never auth or cookies)."""
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADER_PREFIXES)}
+    return {lowered: v for k, v in headers.items()
+            if (lowered := k.lower()).startswith(RATE_LIMIT_HEADER_PREFIXES)}

@@ -47,6 +47,7 @@ class WireTeacher:
                 self._headers["x-api-key"] = api_key
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -64,8 +65,11 @@ class WireTeacher:
         return anthropic_body(request)
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
-        payload = json.dumps(self.body(request), ensure_ascii=False)
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
+        payload = json.dumps(self.body(request), ensure_ascii=False).encode("utf-8")
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s,
+                                                                        sock_connect=min(timeout_s, 10.0))
         try:
             # The request key (a hash; no secret) lets provider-side logs and the sim's ledger tell a
             # deliberate second sample of a prompt from a retry of the same request.
