@@ -219,7 +219,8 @@ class Lion:
             is_new, score = index.add_if_new(generated.instruction)
             accepted += is_new
             rows.append({**row, "id": instruction_id(generated.instruction), "text": generated.instruction,
-                         "pool": "train" if is_new else "rejected", "rouge_nearest": score,
+                         "pool": "train" if is_new else "rejected",
+                         "rouge_nearest": None if is_new else score,  # exact only above the threshold
                          "rejected_reason": None if is_new else f"near-duplicate (ROUGE-L {score:.2f})"})
         await self.store.write_many("instructions", rows)
         await self._metrics(t, {"generated": len(draws), "accepted": accepted,

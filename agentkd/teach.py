@@ -133,7 +133,8 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
             summary.parse_failures += 1
             return out
         accepted, score = index.add_if_new(generated.instruction)
-        out.update(accepted=accepted, rouge_nearest=round(score, 4),
+        # The index computes ROUGE-L exactly only for candidates that could pass the threshold.
+        out.update(accepted=accepted, rouge_nearest=None if accepted else round(score, 4),
                    reject_reason=None if accepted else f"near-duplicate (ROUGE-L {score:.2f})")
         return out
     return handle

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,11 +43,12 @@ class TemplateError(Exception):
 
 
 def builtin_prompts_dir() -> Path:
-    """prompts/ at the repository root (a source checkout or an editable install).
-
-    A non-editable install does not ship prompts/: pass an explicit path to load_template instead.
-    """
-    return Path(__file__).resolve().parents[2] / "prompts"
+    """prompts/ at the repository root (a source checkout or an editable install), else the copy a
+    wheel install puts in <prefix>/share/agentkd/prompts."""
+    checkout = Path(__file__).resolve().parents[2] / "prompts"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "agentkd" / "prompts"
 
 
 def neutralise(value: str) -> str:
