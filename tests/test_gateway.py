@@ -232,3 +232,20 @@ def test_concurrent_admission_never_passes_the_cap(tmp_path_factory, n_tasks, fi
     assert sent <= fits
     assert budget.settled_usd <= budget.cap_usd + 1e-12
     assert budget.reserved_usd == pytest.approx(0.0, abs=1e-12)
+
+
+async def test_a_failed_store_write_stops_paid_calls(tmp_path):
+    """RELIABILITY 18: once the database cannot be written, no further paid call is sent."""
+    from agentkd.store import StoreError
+
+    teacher = ScriptedTeacher()
+    gateway, store, _ = await make_gateway(tmp_path, teacher)
+    await gateway.complete(request("first"))
+    store._con.execute("DROP TABLE calls")  # the file breaks under the running writer
+    with pytest.raises(StoreError):
+        await gateway.complete(request("second"))
+    sent = len(teacher.calls)
+    with pytest.raises(StoreError):
+        await gateway.complete(request("third"))
+    assert len(teacher.calls) == sent  # refused before sending
+    await store.close()
