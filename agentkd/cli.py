@@ -156,10 +156,10 @@ def _print_kshot(config, input_path: Path) -> None:
     prompts = RolePrompts(config)
     rows = read_jsonl(input_path, ("instruction",))
     zero, few = kshot_comparison(prompts, rows)
-    price = config.price(config.role("explainer").model)
-    usd = lambda tokens: tokens * len(rows) * price.input_per_mtok / 1e6  # noqa: E731
+    per_token = config.price(config.role("explainer").model).input_per_mtok / 1e6
+    zero_usd, few_usd = zero * len(rows) * per_token, few * len(rows) * per_token
     print(f"explainer prompt: {zero:.0f} tokens/row zero-shot vs ~{few:.0f} with 6 worked examples: "
-          f"input ${usd(zero):.4f} vs ${usd(few):.4f} for {len(rows)} rows ({1 - zero / few:.0%} saved)")
+          f"input ${zero_usd:.4f} vs ${few_usd:.4f} for {len(rows)} rows ({1 - zero / few:.0%} saved)")
 
 
 def _run_dir_command(args: argparse.Namespace, console: Console) -> int:

@@ -42,7 +42,7 @@ async def teacher_session(config: RunConfig) -> AsyncIterator[TeacherSession]:
         sim = SimTeacher(config.sim, seed=config.sim.seed if config.sim.seed is not None else config.run.seed)
         sim_url = await sim.start()
     try:
-        endpoints(config, sim_url or "http://127.0.0.1:0")  # config errors before the store opens
+        endpoints(config, sim_url)  # endpoint config errors surface before the store is opened
         run_dir = config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / "config.json")
