@@ -78,11 +78,21 @@ class Limiter:
         self._last_slowdown = -1e9
         self.rate_limited = 0
         self.input_ratio = 1.0  # provider-counted / estimated input tokens, learned from usage
+        # With no limit configured, the first request goes alone: its reply's headers announce the
+        # limits, and a blind burst of max_concurrency requests would be answered with 429s.
+        self._probing = not any(v is not None for v in self._configured.values())
+        self._probe_sent = False
+        self._probe_done = asyncio.Event()
 
     async def acquire(self, input_tokens: int, output_tokens: int) -> None:
         """Wait for a concurrency slot and room in every bucket, then take it."""
         await self._slots.acquire()
         try:
+            if self._probing:
+                if self._probe_sent:
+                    await self._probe_done.wait()
+                else:
+                    self._probe_sent = True
             async with self._order:
                 costs = self._costs(input_tokens, output_tokens)
                 while True:
@@ -102,6 +112,9 @@ class Limiter:
 
     def release(self) -> None:
         self._slots.release()
+        if self._probing:  # the probe's attempt is over (headers or not): everyone may go
+            self._probing = False
+            self._probe_done.set()
 
     def _costs(self, input_tokens: int, output_tokens: int) -> dict[str, float]:
         scaled_input = input_tokens * self.input_ratio

@@ -71,3 +71,23 @@ async def test_concurrency_is_capped():
 
     await asyncio.gather(*(one() for _ in range(20)))
     assert peak == 3
+
+
+async def test_without_configured_limits_the_first_request_goes_alone():
+    limiter = Limiter(LimitsSection(max_concurrency=8))
+    order: list[str] = []
+
+    async def one(name: str, first: bool = False):
+        await limiter.acquire(1, 1)
+        order.append(f"start {name}")
+        await asyncio.sleep(0.01 if first else 0)
+        if first:
+            limiter.release()
+            limiter.observe({"x-ratelimit-limit-requests": "6000"})
+        else:
+            limiter.release()
+        order.append(f"end {name}")
+
+    await asyncio.gather(one("probe", first=True), *(one(str(i)) for i in range(3)))
+    assert order[:2] == ["start probe", "end probe"]  # nobody else was admitted while the probe flew
+    assert limiter.buckets["requests"].per_minute is not None  # and its headers set the pace
