@@ -267,9 +267,11 @@ class Lion:
         missing = [i for i in items if i.id not in stored]
         if missing:
             student = self._student()
+            # A rationale-trained student answers through its label task ("predict: "), as at inference.
+            task = "predict" if self.config.train.objective == "rationale" else "answer"
             texts = await asyncio.to_thread(generate_answers, student, [i.text for i in missing],
                                             max_new_tokens=self.config.train.max_new_tokens,
-                                            temperature=temperature, seed=self.config.run.seed + t)
+                                            temperature=temperature, seed=self.config.run.seed + t, task=task)
             rows = [{"instruction_id": i.id, "actor": "student", "iteration": t, "text": text,
                      "checkpoint": str(t)} for i, text in zip(missing, texts, strict=True)]
             await self.store.write_many("responses", rows)

@@ -146,3 +146,22 @@ def test_budget_stop_exits_3_and_a_larger_budget_finishes(tmp_path, capsys):
         assert (2, "eval") in store.stages_done()
     finally:
         store.close_sync()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["rationale", "posterior_kd", "proxy_kd"])
+def test_every_objective_runs_through_the_loop(tmp_path, objective):
+    config = small_config(tmp_path)
+    assert main(["run", str(config), "--no-progress", "--set", f'train.objective="{objective}"',
+                 "--set", "loop.iterations=1", "--set", "loop.seed_count=40", "--set", "loop.new_per_iteration=10",
+                 "--set", "loop.judge_sample=10", "--set", "loop.eval_judge_sample=2",
+                 "--set", "train.max_seconds=2", "--set", 'train.proxy_spec="students/tiny-proxy.toml"',
+                 "--set", "train.proxy_max_seconds=2", "--set", "loop.rationale_rate=0.5"]) == 0
+    store = open_store(tmp_path)
+    try:
+        assert store.query("SELECT objective FROM train_runs") == [(objective,)]
+        rationales = store.query("SELECT count(*), count(rationale) FROM rationales")[0]
+    finally:
+        store.close_sync()
+    if objective == "rationale":  # the explainer labelled every answered row, with reasons for about XR
+        assert rationales[0] == 40 and 0 < rationales[1] < 40
