@@ -86,8 +86,10 @@ async def test_retry_after_is_honoured(tmp_path):
     await store.close()
 
 
-@pytest.mark.parametrize("error", [QuotaExceeded("quota", status=429), AuthError("HTTP 401", status=401)])
-async def test_fatal_errors_are_not_retried_and_stop_the_run(tmp_path, error):
+@pytest.mark.parametrize("error_class, status", [(QuotaExceeded, 429), (AuthError, 401)])
+async def test_fatal_errors_are_not_retried_and_stop_the_run(tmp_path, error_class, status):
+    # A fresh exception per test: a shared one would keep each raise's frames (and stores) alive.
+    error = error_class(f"HTTP {status}", status=status)
     teacher = ScriptedTeacher([error])
     gateway, store, clock = await make_gateway(tmp_path, teacher)
     with pytest.raises(type(error)):
