@@ -318,8 +318,9 @@ async def test_connection_refused_is_retried_and_its_reservation_released(tmp_pa
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
 async def test_read_timeout_settles_at_the_reservation_then_retries(tmp_path, rigs, kind):
-    rig = await rigs(tmp_path, kind, timeout_s=0.3)
-    rig.sim.script([{"kind": "slow", "seconds": 1.0}])
+    # 1.5 s leaves a loaded 2-core CI machine room to answer the second attempt in time.
+    rig = await rigs(tmp_path, kind, timeout_s=1.5)
+    rig.sim.script([{"kind": "slow", "seconds": 3.0}])
     result = await rig.gateway.complete(rig.request())
     assert result.attempts == 2
     store = await rig.finish()
