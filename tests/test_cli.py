@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from agentkd.cli import main
-from agentkd.store import Store
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems
 from agentkd.config import SimSection

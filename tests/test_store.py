@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import duckdb
 import pytest
 
-from agentkd.store import COLUMNS, SCHEMA, VIEWS, Store, StoreError, StoreLockedError
+from agentkd.store import SCHEMA, VIEWS, Store, StoreError, StoreLockedError
 
 
 def test_schema_has_the_tables_the_design_requires(tmp_path):
