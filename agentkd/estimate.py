@@ -14,7 +14,8 @@ from agentkd.config import RunConfig
 from agentkd.datasets import read_jsonl
 from agentkd.roles.requests import RolePrompts
 from agentkd.store import Store
-from agentkd.teach import REQUIRED_FIELDS, rationale_selected
+from agentkd.roles.calls import rationale_selected
+from agentkd.teach import REQUIRED_FIELDS
 from agentkd.teachers.base import TeacherRequest
 from agentkd.tokens import estimate_prompt
 

@@ -122,10 +122,8 @@ class Lion:
             rows = [{"instruction_id": item.id, "actor": "teacher", "iteration": t, "text": completion.text,
                      "call_key": completion.key}]
             if rationale:
-                from agentkd.teach import rationale_selected
-
                 explanation, c = await calls.explain(self.s.gateway, self.s.prompts, item.text, with_rationale=
-                                                     rationale_selected(item.text, self.loop.rationale_rate))
+                                                     calls.rationale_selected(item.text, self.loop.rationale_rate))
                 self.store.submit("rationales", [{
                     "example_id": item.id, "label": explanation.label, "rationale": explanation.rationale,
                     "parsed_ok": explanation.label is not None, "reason": explanation.reason, "call_key": c.key}])

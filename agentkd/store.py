@@ -298,24 +298,5 @@ class Store:
     def ok_call_keys(self) -> set[str]:
         return {row[0] for row in self.query("SELECT DISTINCT key FROM calls WHERE status = 'ok'")}
 
-    def calls_by_role(self, role: str, *, status: str | None = "ok") -> list[dict[str, Any]]:
-        sql = "SELECT * FROM calls WHERE role = ?"
-        params: list[Any] = [role]
-        if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
-        return self.query_dicts(sql + " ORDER BY created_at", params)
-
-    def rows_for_iteration(self, table: str, iteration: int) -> list[dict[str, Any]]:
-        return self.query_dicts(f'SELECT * FROM "{table}" WHERE iteration = ? ORDER BY created_at', [iteration])
-
-    def spend(self) -> dict[str, float]:
-        """USD and tokens of settled calls, by role."""
-        rows = self.query(
-            "SELECT role, sum(cost_usd), sum(input_tokens + output_tokens), count(*) FROM calls "
-            "GROUP BY role ORDER BY role"
-        )
-        return {r[0]: {"usd": r[1] or 0.0, "tokens": int(r[2] or 0), "calls": r[3]} for r in rows}
-
     def stages_done(self) -> set[tuple[int, str]]:
         return {(r[0], r[1]) for r in self.query("SELECT iteration, stage FROM loop_state")}

@@ -6,7 +6,6 @@ pays nothing for rows already answered and writes the full output again.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from agentkd.config import ConfigError, RunConfig
 from agentkd.datasets import read_jsonl, write_jsonl
 from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.roles import calls
+from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.tokens import estimate_prompt
 from agentkd.workpool import PoolOutcome, run_all
@@ -56,13 +56,6 @@ class TeachSummary:
                 f"{self.parse_failures} parse failures, {self.deferred} deferred | ${self.usd:.4f}{cap} | "
                 f"{self.input_tokens:,} in + {self.output_tokens:,} out tokens | {rps:.1f} rows/s | "
                 f"429s: {self.rate_limited} | answered from the store: {self.cache_hits}")
-
-
-def rationale_selected(text: str, rate: float) -> bool:
-    """Partial rationale augmentation (XR): a stable choice per row, so a resumed run picks the same rows."""
-    if rate >= 1.0:
-        return True
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < rate
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]

@@ -6,6 +6,7 @@ reason, never an exception; only the gateway's own errors (budget, auth, a skipp
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from agentkd.gateway import Completion, Gateway
@@ -17,6 +18,13 @@ from agentkd.roles.requests import RolePrompts
 
 async def answer(gateway: Gateway, prompts: RolePrompts, instruction: str, *, tag: str | None = None) -> Completion:
     return await gateway.complete(prompts.answer(instruction, tag=tag))
+
+
+def rationale_selected(text: str, rate: float) -> bool:
+    """Partial rationale augmentation (XR): a stable choice per row, so a resumed run picks the same rows."""
+    if rate >= 1.0:
+        return True
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < rate
 
 
 async def explain(gateway: Gateway, prompts: RolePrompts, text: str, *, with_rationale: bool = True,
