@@ -123,8 +123,11 @@ class Gateway:
         self._in_flight[key] = future
         try:
             result = await self._call_teacher(request, key)
-        except BaseException as err:
-            future.set_exception(err if isinstance(err, Exception) else asyncio.CancelledError())
+        except Exception as err:
+            future.set_exception(err)
+            raise
+        except BaseException:  # cancelled (Ctrl-C): callers sharing this call are cancelled too
+            future.cancel()
             raise
         else:
             future.set_result(result)
