@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
+
 from agentkd.store import COLUMNS, Store
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
@@ -42,14 +44,15 @@ async def async_writer(path: Path, rows: list[dict], chunk: int) -> float:
 
 
 def executemany_baseline(path: Path, rows: list[dict]) -> float:
-    store = Store(path)
+    Store(path).close_sync()  # the schema
+    con = duckdb.connect(str(path))
     cols = COLUMNS["calls"]
     sql = f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
     tuples = [tuple(r.get(c) for c in cols) for r in rows]
     start = time.perf_counter()
-    store._con.executemany(sql, tuples)
+    con.executemany(sql, tuples)
     elapsed = time.perf_counter() - start
-    store.close_sync()
+    con.close()
     return elapsed
 
 

@@ -13,6 +13,7 @@ import duckdb
 import pytest
 
 from agentkd.store import SCHEMA, VIEWS, Store, StoreError, StoreLockedError
+from agentkd.store_db import Database
 
 
 def test_schema_has_the_tables_the_design_requires(tmp_path):
@@ -42,17 +43,26 @@ def test_a_file_from_an_earlier_version_gains_the_new_columns(tmp_path):
 
 
 def test_a_batch_is_one_transaction_and_appenders_are_reused(tmp_path):
-    store = Store(tmp_path / "run.duckdb")
+    db = Database(tmp_path / "run.duckdb", read_only=False)
     for i in range(3):
-        store._flush({"metrics": [(i, "x", float(i), i, None)],
-                      "loop_state": [(i, "done", None)]})
-    assert store.count("metrics") == 3 and store.count("loop_state") == 3
-    assert set(store._appenders) == {"metrics", "loop_state"}
+        db.append({"metrics": [(i, "x", float(i), i, None)], "loop_state": [(i, "done", None)]})
+    assert db.query("SELECT count(*) FROM metrics") == [(3,)] == db.query("SELECT count(*) FROM loop_state")
+    assert set(db._appenders) == {"metrics", "loop_state"}
     # A batch that fails part-way leaves nothing of itself behind.
-    with pytest.raises(StoreError):
-        store._flush({"metrics": [(1, "y", 1.0, 1, None)], "loop_state": [("not an int", "x", None)]})
-    assert store.count("metrics") == 3
-    store._con.close()
+    with pytest.raises(StoreError, match="write failed"):
+        db.append({"metrics": [(1, "y", 1.0, 1, None)], "loop_state": [("not an int", "x", None)]})
+    assert db.query("SELECT count(*) FROM metrics") == [(3,)]
+    db.close()
+
+
+def test_rows_of_one_batch_get_strictly_increasing_commit_stamps(tmp_path):
+    """"The latest row" is taken by created_at: rows committed together must not tie."""
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("responses", [{"instruction_id": "i", "actor": "student", "text": str(n)} for n in range(50)])
+    stamps = [r[0] for r in store.query("SELECT created_at FROM responses ORDER BY rowid")]
+    assert all(a < b for a, b in zip(stamps, stamps[1:]))
+    assert store.query("SELECT arg_max(text, created_at) FROM responses") == [("49",)]
+    store.close_sync()
 
 
 async def test_async_writes_are_readable_after_ack(tmp_path):
@@ -112,13 +122,13 @@ def test_second_writer_process_gets_a_clear_error_naming_the_pid(tmp_path):
 
 def test_write_failure_marks_the_store_failed(tmp_path):
     store = Store(tmp_path / "run.duckdb")
-    store._con.execute("DROP TABLE metrics")  # simulate a broken file under the writer
+    store.query("DROP TABLE metrics")  # simulate a broken file under the writer
     with pytest.raises(StoreError, match="write failed"):
         store.append_now("metrics", [{"name": "x", "value": 1.0}])
     # Every later write refuses at once: callers stop sending paid calls.
     with pytest.raises(StoreError):
         store.append_now("calls", [{"key": "k"}])
-    store._con.close()
+    store.close_sync()
 
 
 WRITER = textwrap.dedent("""
