@@ -54,13 +54,15 @@ class Budget:
         self.settled_tokens = 0
         self.reserved_usd = 0.0
         self.reserved_tokens = 0
+        self.restored_usd = 0.0  # what earlier sessions spent (part of settled_*)
+        self.restored_tokens = 0
         self._ids = itertools.count()
         self._prefix = ""
 
     def restore(self, *, usd: float, tokens: int, run_id: str = "") -> None:
         """Seed from the store on resume: what earlier processes spent (or may have) counts."""
-        self.settled_usd = usd
-        self.settled_tokens = tokens
+        self.settled_usd = self.restored_usd = usd
+        self.settled_tokens = self.restored_tokens = tokens
         self._prefix = run_id
 
     def worst_case(self, model: str, input_tokens: int, max_tokens: int) -> tuple[float, int]:

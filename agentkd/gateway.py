@@ -1,7 +1,7 @@
 """The one path every teacher call takes (DESIGN.md, "The gateway").
 
     request -> cache (stored answer? a concurrent identical call in flight? share it)
-            -> per attempt: budget.reserve (durable in the store before sending)
+            -> per attempt: budget.reserve -> covered by a durable block in the store (ledger.py)
                             -> limiter.acquire -> teacher.complete -> settle (finally, always)
             -> retry policy (tenacity; waits from the provider's headers or full jitter)
             -> the call row is committed before the result is returned
@@ -22,6 +22,7 @@ from typing import Any
 
 from agentkd.budget import Budget, BudgetExhausted, Reservation, Usage
 from agentkd.config import LimitsSection
+from agentkd.ledger import SpendCover, spent_in_store
 from agentkd.limiter import Limiter
 from agentkd.retry import Deferred, retrying
 from agentkd.store import Store, StoreError
@@ -92,6 +93,7 @@ class Gateway:
         self._in_flight: dict[str, asyncio.Future] = {}
         self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
         self._session = uuid.uuid4().hex[:8]
+        self.cover = SpendCover(store, budget, session=self._session, block_calls=limits.max_concurrency)
         self.stats = GatewayStats()
 
     async def start(self) -> None:
@@ -102,6 +104,10 @@ class Gateway:
         self.budget.restore(usd=usd, tokens=tokens, run_id=f"{self._session}-")
 
     async def aclose(self) -> None:
+        try:
+            await self.cover.close()
+        except StoreError:
+            pass  # unclosed, the session's blocks count as spent on resume: the safe side
         for teacher in self.teachers.values():
             await teacher.aclose()
 
@@ -183,7 +189,7 @@ class Gateway:
 
     async def _attempt(self, teacher: Teacher, request: TeacherRequest, key: str, estimate: int,
                        attempt: int) -> tuple[TeacherReply, float]:
-        """One HTTP attempt, bracketed by a durable reservation and its settlement."""
+        """One HTTP attempt, bracketed by a reservation (durably covered) and its settlement."""
         if self.store.failure is not None:
             raise StoreError(f"not sending paid calls: {self.store.failure}")
         reservation = await self._reserve(key, request.model, estimate, request.max_tokens)
@@ -194,8 +200,11 @@ class Gateway:
         status: int | None = None
         error_class: str | None = None
         try:
-            await self.store.write("reservations", _ledger_row(reservation, "reserve", reservation.usd,
-                                                               reservation.tokens))
+            # Durable before sending: usually at once, from a block committed earlier. The per-attempt
+            # reserve row is queued, not awaited: the block is what a crash cannot hide.
+            await self.cover.cover(reservation.usd, reservation.tokens)
+            self._record(self._ledger_row(reservation, "reserve", reservation.usd, reservation.tokens),
+                         "reservations")
             await self.limiter.acquire(estimate, request.max_tokens)
             try:
                 sent = True
@@ -228,7 +237,7 @@ class Gateway:
             self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
             # closing ledger row is also the attempt's record (the `attempts` view).
-            row = _ledger_row(reservation, outcome, usd, tokens)
+            row = self._ledger_row(reservation, outcome, usd, tokens)
             row.update(attempt=attempt, status_code=status, error_class=error_class,
                        latency_s=self._clock() - t0)
             self._record(row, "reservations")
@@ -259,6 +268,10 @@ class Gateway:
             self.stats.rate_limited += 1
             self.limiter.on_rate_limited(seconds)
 
+    def _ledger_row(self, reservation: Reservation, event: str, usd: float, tokens: int) -> dict[str, Any]:
+        return {"reservation_id": reservation.id, "key": reservation.key, "event": event, "usd": usd,
+                "tokens": tokens, "session": self._session}
+
     def _call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
                   reply: TeacherReply | None = None, cost: float = 0.0,
                   error: TeacherError | None = None) -> dict[str, Any]:
@@ -280,11 +293,6 @@ class Gateway:
         return row
 
 
-def _ledger_row(reservation: Reservation, event: str, usd: float, tokens: int) -> dict[str, Any]:
-    return {"reservation_id": reservation.id, "key": reservation.key, "event": event, "usd": usd,
-            "tokens": tokens}
-
-
 def _consume_exception(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -295,17 +303,3 @@ def _completion_from_row(row: dict[str, Any]) -> Completion:
     return Completion(key=row["key"], text=row["response_text"], finish_reason=row["finish_reason"] or "stop",
                       input_tokens=row["input_tokens"] or 0, output_tokens=row["output_tokens"] or 0,
                       cost_usd=0.0, attempts=0, from_cache=True, logprobs=logprobs)
-
-
-def spent_in_store(store: Store) -> tuple[float, int]:
-    """Settled spend plus reservations never settled (a crash mid-call may still have been billed)."""
-    row = store.query(
-        """
-        WITH opened AS (SELECT reservation_id, usd, tokens FROM reservations WHERE event = 'reserve'),
-             closed AS (SELECT reservation_id, sum(usd) AS usd, sum(tokens) AS tokens FROM reservations
-                        WHERE event IN ('settle', 'release') GROUP BY reservation_id)
-        SELECT coalesce(sum(coalesce(c.usd, o.usd)), 0), coalesce(sum(coalesce(c.tokens, o.tokens)), 0)
-        FROM opened o LEFT JOIN closed c USING (reservation_id)
-        """
-    )[0]
-    return float(row[0]), int(row[1])

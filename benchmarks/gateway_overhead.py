@@ -5,8 +5,8 @@ limits), so client and server do not share an event loop or a core. Every client
 of distinct requests (all cache misses) at the same concurrency:
   raw          aiohttp session posting the chat-completions bodies and parsing the JSON replies
   gateway      Gateway over the default aiohttp transport: request key, single flight, budget reserve
-               (a durable reservation row before every send), limiter, retry loop, store (call row
-               committed before returning), settle
+               (covered by a durable ledger block before every send; ledger.py), limiter, retry loop,
+               store (call row committed before returning), settle
   sdk_raw      the official openai SDK (DefaultAioHttpClient when available, max_retries=0)
   sdk_gateway  Gateway over the SDK transport (teacher.transport = "sdk")
 Targets: gateway_rps >= 0.5 x raw_rps (this task), sdk_gateway >= 0.8 x sdk_raw (DESIGN.md).

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from agentkd.budget import Budget, BudgetExhausted
 from agentkd.config import LimitsSection, PriceSection
-from agentkd.gateway import CallFailed, Gateway, spent_in_store
+from agentkd.gateway import CallFailed, Gateway
+from agentkd.ledger import spent_in_store
 from agentkd.retry import Deferred
 from agentkd.store import Store
 from agentkd.teachers.base import (
@@ -181,10 +182,35 @@ async def test_cancellation_mid_call_settles_the_reservation(tmp_path):
         await task
     assert gateway.budget.reserved_usd == pytest.approx(0.0)
     assert gateway.budget.settled_usd > 0  # it was sent: the provider may have billed it
+    await gateway.aclose()  # a clean end: the settled rows are the session's spend
     await store.close()
     store = Store(tmp_path / "run.duckdb", read_only=True)
     assert spent_in_store(store)[0] == pytest.approx(gateway.budget.settled_usd)
     store.close_sync()
+
+
+async def test_a_session_that_never_closed_counts_its_whole_cover_as_spent(tmp_path):
+    """A crash can hide no spend: the blocks written before the calls count in full on resume."""
+    teacher = ScriptedTeacher(delay=lambda: 10.0)
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    task = asyncio.create_task(gateway.complete(request()))
+    await asyncio.sleep(0.05)
+    assert len(teacher.calls) == 1  # in flight: the provider is working on it
+    blocks = store.query("SELECT sum(usd), sum(tokens) FROM reservations WHERE event = 'block'")[0]
+    assert blocks[0] >= gateway.budget.reserved_usd > 0 and blocks[1] >= gateway.budget.reserved_tokens
+    task.cancel()  # stands in for the crash: no close row is written
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    usd, tokens = spent_in_store(store)
+    assert (usd, tokens) == (pytest.approx(blocks[0]), blocks[1]) and usd > gateway.budget.settled_usd
+    store.close_sync()
+    # Never past the cap: blocks are cut to what the cap leaves.
+    gateway, store, _ = await make_gateway(tmp_path / "capped", ScriptedTeacher(), usd=0.05)
+    await gateway.complete(request())
+    assert store.query("SELECT sum(usd) FROM reservations WHERE event = 'block'")[0][0] <= 0.05 + 1e-12
+    await store.close()
 
 
 async def test_unsettled_reservations_count_as_spent_on_resume(tmp_path):
@@ -243,7 +269,7 @@ async def test_a_failed_store_write_stops_paid_calls(tmp_path):
     teacher = ScriptedTeacher()
     gateway, store, _ = await make_gateway(tmp_path, teacher)
     await gateway.complete(request("first"))
-    store._con.execute("DROP TABLE calls")  # the file breaks under the running writer
+    store.query("DROP TABLE calls")  # the file breaks under the running writer
     with pytest.raises(StoreError):
         await gateway.complete(request("second"))
     sent = len(teacher.calls)

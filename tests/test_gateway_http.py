@@ -34,7 +34,8 @@ from agentkd.config import (
     SimSection,
     resolve_api_key,
 )
-from agentkd.gateway import CallFailed, Gateway, spent_in_store
+from agentkd.gateway import CallFailed, Gateway
+from agentkd.ledger import spent_in_store
 from agentkd.retry import Deferred
 from agentkd.store import Store
 from agentkd.teachers.base import AuthError, QuotaExceeded, TeacherRequest
@@ -106,9 +107,17 @@ def check_ledger(store: Store, budget: Budget, *, within_cap: bool = True) -> No
     """Every reservation is opened once and closed once, and the stored ledger matches the budget."""
     per_id = store.query(
         "SELECT reservation_id, count(*) FILTER (event = 'reserve'), "
-        "count(*) FILTER (event IN ('settle', 'release')) FROM reservations GROUP BY reservation_id"
+        "count(*) FILTER (event IN ('settle', 'release')) FROM reservations "
+        "WHERE event NOT IN ('block', 'close') GROUP BY reservation_id"
     )
     assert all(opened == 1 and closed == 1 for _, opened, closed in per_id), per_id
+    # Spend was covered by durable blocks before it happened, and every session ended cleanly.
+    blocks, sessions, closes = store.query(
+        "SELECT coalesce(sum(usd) FILTER (event = 'block'), 0), count(DISTINCT session) FILTER (event = 'block'), "
+        "count(*) FILTER (event = 'close') FROM reservations")[0]
+    assert closes == sessions
+    if within_cap:  # a provider counting more than the reservation overshoots cover and cap alike
+        assert blocks >= budget.settled_usd - 1e-12
     assert abs(budget.reserved_usd) < 1e-12 and budget.reserved_tokens == 0
     usd, tokens = spent_in_store(store)
     assert usd == pytest.approx(budget.settled_usd, abs=1e-12) and tokens == budget.settled_tokens
@@ -129,7 +138,7 @@ def attempts(store: Store) -> list[tuple]:
 
 
 def ledger(store: Store) -> list[tuple]:
-    return store.query("SELECT event, usd, tokens FROM reservations WHERE event <> 'reserve' "
+    return store.query("SELECT event, usd, tokens FROM reservations WHERE event IN ('settle', 'release') "
                        "ORDER BY created_at, reservation_id")
 
 
@@ -443,7 +452,8 @@ async def test_usage_above_reservation_overshoots_by_the_estimate_error_and_stop
     assert all(settled > reserved for reserved, settled in pairs)  # every call cost more than reserved
     # Which reservations were still open when the last one was admitted: only their estimate error can
     # carry the spend past the cap, and once it is past, admission stops.
-    events = store.query("SELECT reservation_id, event, usd FROM reservations ORDER BY created_at")
+    events = store.query("SELECT reservation_id, event, usd FROM reservations "
+                         "WHERE event IN ('reserve', 'settle', 'release') ORDER BY created_at")
     last_admission = max(i for i, (_, event, _) in enumerate(events) if event == "reserve")
     open_ids: dict[str, float] = {}
     for rid, event, usd in events[: last_admission + 1]:
