@@ -93,6 +93,8 @@ class Limiter:
                     await self._probe_done.wait()
                 else:
                     self._probe_sent = True
+            if self._unlimited() and self.paused_until <= self._clock() and not self._order.locked():
+                return  # no rate to keep and no pause: only the concurrency slot matters
             async with self._order:
                 costs = self._costs(input_tokens, output_tokens)
                 while True:
@@ -109,6 +111,9 @@ class Limiter:
         except BaseException:
             self._slots.release()
             raise
+
+    def _unlimited(self) -> bool:
+        return all(bucket.per_minute is None for bucket in self.buckets.values())
 
     def release(self) -> None:
         self._slots.release()
