@@ -200,11 +200,8 @@ class Gateway:
         status: int | None = None
         error_class: str | None = None
         try:
-            # Durable before sending: usually at once, from a block committed earlier. The per-attempt
-            # reserve row is queued, not awaited: the block is what a crash cannot hide.
+            # Durable before sending: usually at once, from a block committed earlier.
             await self.cover.cover(reservation.usd, reservation.tokens)
-            self._record(self._ledger_row(reservation, "reserve", reservation.usd, reservation.tokens),
-                         "reservations")
             await self.limiter.acquire(estimate, request.max_tokens)
             try:
                 sent = True
@@ -237,10 +234,11 @@ class Gateway:
             self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
             # closing ledger row is also the attempt's record (the `attempts` view).
-            row = self._ledger_row(reservation, outcome, usd, tokens)
-            row.update(attempt=attempt, status_code=status, error_class=error_class,
-                       latency_s=self._clock() - t0)
-            self._record(row, "reservations")
+            self._record({"reservation_id": reservation.id, "key": reservation.key, "event": outcome,
+                          "usd": usd, "tokens": tokens, "session": self._session,
+                          "reserved_usd": reservation.usd, "reserved_tokens": reservation.tokens,
+                          "attempt": attempt, "status_code": status, "error_class": error_class,
+                          "latency_s": self._clock() - t0}, "reservations")
 
     async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int) -> Reservation:
         """Reserve the worst case; while other calls are in flight, wait for them to settle first.
@@ -267,10 +265,6 @@ class Gateway:
         if isinstance(error, RateLimited):
             self.stats.rate_limited += 1
             self.limiter.on_rate_limited(seconds)
-
-    def _ledger_row(self, reservation: Reservation, event: str, usd: float, tokens: int) -> dict[str, Any]:
-        return {"reservation_id": reservation.id, "key": reservation.key, "event": event, "usd": usd,
-                "tokens": tokens, "session": self._session}
 
     def _call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
                   reply: TeacherReply | None = None, cost: float = 0.0,

@@ -18,15 +18,16 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("created_at", "TIMESTAMP"),
     ],
     # The budget ledger (ledger.py). Per session: `block` rows, budget committed ahead of the calls it
-    # covers; per HTTP attempt a `reserve` row (its worst case) and a `settle` (or `release`) row that
-    # also records the attempt: its number, HTTP status, error class and latency, so retries are
-    # visible (the `attempts` view) without another table to commit per call; a `close` row when the
-    # session ended cleanly. Rows written before blocks existed have no session.
+    # covers, and a `close` row when the session ended cleanly. Per HTTP attempt one `settle` (or
+    # `release`) row: what it cost, the worst case it had reserved, and the attempt itself (number,
+    # HTTP status, error class, latency), so retries are visible (the `attempts` view) without another
+    # row to commit per call. Files from before blocks existed have per-attempt `reserve` rows and no
+    # session.
     "reservations": [
         ("reservation_id", "VARCHAR"), ("key", "VARCHAR"), ("event", "VARCHAR"), ("usd", "DOUBLE"),
         ("tokens", "BIGINT"), ("created_at", "TIMESTAMP"), ("attempt", "INTEGER"),
         ("status_code", "INTEGER"), ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"),
-        ("session", "VARCHAR"),
+        ("session", "VARCHAR"), ("reserved_usd", "DOUBLE"), ("reserved_tokens", "BIGINT"),
     ],
     "instructions": [
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),

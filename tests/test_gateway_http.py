@@ -106,11 +106,10 @@ class Rig:
 def check_ledger(store: Store, budget: Budget, *, within_cap: bool = True) -> None:
     """Every reservation is opened once and closed once, and the stored ledger matches the budget."""
     per_id = store.query(
-        "SELECT reservation_id, count(*) FILTER (event = 'reserve'), "
-        "count(*) FILTER (event IN ('settle', 'release')) FROM reservations "
-        "WHERE event NOT IN ('block', 'close') GROUP BY reservation_id"
+        "SELECT reservation_id, count(*), count(*) FILTER (event IN ('settle', 'release') AND reserved_usd "
+        "IS NOT NULL) FROM reservations WHERE event NOT IN ('block', 'close') GROUP BY reservation_id"
     )
-    assert all(opened == 1 and closed == 1 for _, opened, closed in per_id), per_id
+    assert all(rows == 1 and closed == 1 for _, rows, closed in per_id), per_id  # closed once, with its worst case
     # Spend was covered by durable blocks before it happened, and every session ended cleanly.
     blocks, sessions, closes = store.query(
         "SELECT coalesce(sum(usd) FILTER (event = 'block'), 0), count(DISTINCT session) FILTER (event = 'block'), "
@@ -333,7 +332,7 @@ async def test_read_timeout_settles_at_the_reservation_then_retries(tmp_path, ri
     result = await rig.gateway.complete(rig.request())
     assert result.attempts == 2
     store = await rig.finish()
-    reserved = store.query("SELECT usd, tokens FROM reservations WHERE event = 'reserve' "
+    reserved = store.query("SELECT reserved_usd, reserved_tokens FROM reservations WHERE event = 'settle' "
                            "ORDER BY created_at LIMIT 1")[0]
     first, second = ledger(store)
     assert first == ("settle", reserved[0], reserved[1])  # may have been billed: charged in full
@@ -381,7 +380,7 @@ async def test_200_without_usage_or_content_is_charged_and_skipped(tmp_path, rig
         await rig.gateway.complete(rig.request())
     assert info.value.error.error_class == "IncompleteResponse" and rig.sim.requests == 1
     store = await rig.finish()
-    reserve = store.query("SELECT usd FROM reservations WHERE event = 'reserve'")[0][0]
+    reserve = store.query("SELECT reserved_usd FROM reservations WHERE event = 'settle'")[0][0]
     assert ledger(store) == [("settle", reserve, pytest.approx(ledger(store)[0][2]))]
     assert [(c["status"], c["attempts"], c["error_class"]) for c in calls(store)] == [
         ("error", 1, "IncompleteResponse")]
@@ -445,25 +444,14 @@ async def test_usage_above_reservation_overshoots_by_the_estimate_error_and_stop
     refused = [r for r in results if isinstance(r, BudgetExhausted)]
     assert ok and refused and len(ok) + len(refused) == len(dense)
     store = await rig.finish(within_cap=False)
-    pairs = store.query(
-        "SELECT r.usd, s.usd FROM reservations r JOIN reservations s USING (reservation_id) "
-        "WHERE r.event = 'reserve' AND s.event = 'settle'")
+    pairs = store.query("SELECT reserved_usd, usd FROM reservations WHERE event = 'settle'")
     assert len(pairs) == len(ok) == rig.sim.requests  # nothing was sent without a reservation
     assert all(settled > reserved for reserved, settled in pairs)  # every call cost more than reserved
-    # Which reservations were still open when the last one was admitted: only their estimate error can
-    # carry the spend past the cap, and once it is past, admission stops.
-    events = store.query("SELECT reservation_id, event, usd FROM reservations "
-                         "WHERE event IN ('reserve', 'settle', 'release') ORDER BY created_at")
-    last_admission = max(i for i, (_, event, _) in enumerate(events) if event == "reserve")
-    open_ids: dict[str, float] = {}
-    for rid, event, usd in events[: last_admission + 1]:
-        if event == "reserve":
-            open_ids[rid] = usd
-        else:
-            open_ids.pop(rid)
-    error_of = {rid: usd - open_ids[rid] for rid, event, usd in events if event == "settle" and rid in open_ids}
+    # Only estimate errors can carry the spend past the cap (admission counted every worst case), and
+    # once it is past, admission stops: the overshoot is bounded by the errors of the calls it admitted.
     overshoot = max(0.0, rig.budget.settled_usd - 1.0)
-    assert 0 < overshoot <= sum(error_of.values()) + 1e-12
+    assert 0 < overshoot <= sum(settled - reserved for reserved, settled in pairs) + 1e-12
+    assert overshoot < 1.0  # not a runaway: far less than one more cap's worth
 
 
 # ---- the SDK transport at the HTTP layer (how users fake the SDKs: pytest-httpx2) --------------------
@@ -659,14 +647,20 @@ def test_kill_9_mid_run_loses_no_acknowledged_row_and_resume_repays_nothing_stor
     assert set(first) | set(second) == set(sim_key)
     store = Store(path, read_only=True)
     ok_rows = dict(store.query("SELECT key, count(*) FROM calls WHERE status = 'ok' GROUP BY key"))
-    unclosed = store.query(
-        "SELECT count(*) FROM reservations r WHERE event = 'reserve' AND NOT EXISTS (SELECT 1 FROM "
-        "reservations c WHERE c.reservation_id = r.reservation_id AND c.event IN ('settle', 'release'))")[0][0]
+    sessions = store.query(
+        "SELECT bool_or(event = 'close'), coalesce(sum(usd) FILTER (event = 'block'), 0), "
+        "coalesce(sum(usd) FILTER (event = 'settle'), 0) FROM reservations GROUP BY session ORDER BY 1")
+    spent = spent_in_store(store)[0]
     store.close_sync()
+    # The killed session wrote no close row: on resume its whole cover counted as spent, which covers
+    # the calls it had in flight. The resumed session closed cleanly and counts what it settled.
+    (killed_closed, killed_cover, killed_settled), (resumed_closed, _, resumed_settled) = sessions
+    assert not killed_closed and resumed_closed and killed_cover >= killed_settled > 0
+    assert spent == pytest.approx(killed_cover + resumed_settled)
     assert set(ok_rows) == set(sim_key) and set(ok_rows.values()) == {1}  # one ok row per request
     # Nothing stored by the killed process was paid again; only calls in flight at the kill (billed
     # but never acknowledged) may have been paid twice, and their reservations stay charged.
     assert all(billed[sim_key[key]] == 1 for key in stored_by_first)
     twice = [key for key, k in sim_key.items() if billed.get(k, 0) > 1]
-    assert len(twice) <= KILL_CONCURRENCY and unclosed <= KILL_CONCURRENCY
+    assert len(twice) <= KILL_CONCURRENCY
     assert all(billed.get(k, 0) >= 1 for k in sim_key.values())
