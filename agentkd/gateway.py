@@ -57,6 +57,10 @@ class CallFailed(Exception):
         self.attempts = attempts
 
 
+class SendingStopped(Exception):
+    """The run is stopping (Ctrl-C, budget, a fatal error): a call not yet sent is not sent."""
+
+
 @dataclass
 class GatewayStats:
     sent: int = 0
@@ -93,6 +97,7 @@ class Gateway:
         self._in_flight: dict[str, asyncio.Future] = {}
         self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
         self._session = uuid.uuid4().hex[:8]
+        self.sending = True  # False: calls still waiting for a slot are dropped, not sent
         self.cover = SpendCover(store, budget, session=self._session, block_calls=limits.max_concurrency)
         self.stats = GatewayStats()
 
@@ -102,6 +107,14 @@ class Gateway:
         self._stored_keys = self.store.ok_call_keys()
         usd, tokens = spent_in_store(self.store)
         self.budget.restore(usd=usd, tokens=tokens, run_id=f"{self._session}-")
+
+    def stop_sending(self) -> None:
+        """Calls in flight finish; calls still waiting for budget cover or a limiter slot are dropped
+        with SendingStopped and their reservations released, so a stopping run buys nothing new."""
+        self.sending = False
+
+    def resume_sending(self) -> None:
+        self.sending = True
 
     async def aclose(self) -> None:
         try:
@@ -204,6 +217,8 @@ class Gateway:
             await self.cover.cover(reservation.usd, reservation.tokens)
             await self.limiter.acquire(estimate, request.max_tokens)
             try:
+                if not self.sending:
+                    raise SendingStopped("the run is stopping: not sent")
                 sent = True
                 self.stats.sent += 1
                 reply = await teacher.complete(request, timeout_s=self.limits.timeout_s)

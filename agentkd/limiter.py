@@ -72,6 +72,8 @@ class Limiter:
         }
         self.buckets = {name: TokenBucket(_paced(value), now) for name, value in self._configured.items()}
         self._slots = asyncio.Semaphore(limits.max_concurrency)
+        self.in_flight = 0  # slots held: requests being sent or answered
+        self.max_in_flight = 0
         self._order = asyncio.Lock()  # FIFO: waiters are admitted in arrival order
         self.paused_until = 0.0
         self.factor = 1.0
@@ -87,6 +89,8 @@ class Limiter:
     async def acquire(self, input_tokens: int, output_tokens: int) -> None:
         """Wait for a concurrency slot and room in every bucket, then take it."""
         await self._slots.acquire()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if self._probing:
                 if self._probe_sent:
@@ -109,6 +113,7 @@ class Limiter:
                         return
                     await self._sleep(wait)
         except BaseException:
+            self.in_flight -= 1
             self._slots.release()
             raise
 
@@ -116,6 +121,7 @@ class Limiter:
         return all(bucket.per_minute is None for bucket in self.buckets.values())
 
     def release(self) -> None:
+        self.in_flight -= 1
         self._slots.release()
         if self._probing:  # the probe's attempt is over (headers or not): everyone may go
             self._probing = False

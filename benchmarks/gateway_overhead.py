@@ -1,12 +1,16 @@
 """The gateway's own cost per call: requests/s through the full gateway vs a raw client, same run.
 
 The simulated teacher runs in its own process (`python -m agentkd.teachers.sim`, zero latency, no rate
-limits), so client and server do not share an event loop or a core. Every client sends the same number
-of distinct requests (all cache misses) at the same concurrency:
+limits), so client and server do not share an event loop (they do share the machine's cores). Every
+client sends the same number of distinct requests (all cache misses) with the same number of HTTP
+requests in flight (--concurrency):
   raw          aiohttp session posting the chat-completions bodies and parsing the JSON replies
   gateway      Gateway over the default aiohttp transport: request key, single flight, budget reserve
                (covered by a durable ledger block before every send; ledger.py), limiter, retry loop,
-               store (call row committed before returning), settle
+               store (call row committed before returning), settle. Driven as `agentkd teach` drives
+               it: limits.max_concurrency = --concurrency caps requests in flight, and
+               WORKERS_PER_SLOT x that many items are in progress (an item waiting for its row's
+               commit holds no HTTP slot)
   sdk_raw      the official openai SDK (DefaultAioHttpClient when available, max_retries=0)
   sdk_gateway  Gateway over the SDK transport (teacher.transport = "sdk")
 Targets: gateway_rps >= 0.5 x raw_rps (this task), sdk_gateway >= 0.8 x sdk_raw (DESIGN.md).
@@ -36,6 +40,7 @@ from agentkd.store import Store
 from agentkd.teachers.base import TeacherRequest
 from agentkd.teachers.sdk import OpenAISDKTeacher
 from agentkd.teachers.wire import WireTeacher, openai_body
+from agentkd.workpool import WORKERS_PER_SLOT
 
 
 def start_sim() -> tuple[subprocess.Popen, str]:
@@ -86,8 +91,9 @@ async def run_gateway(teacher, requests: list[TeacherRequest], concurrency: int)
         async def call(request: TeacherRequest) -> None:
             assert (await gateway.complete(request)).text
 
-        rps = await drive(requests, concurrency, call)
+        rps = await drive(requests, concurrency * WORKERS_PER_SLOT, call)
         assert store.count("calls") == len(requests) and gateway.stats.ok == len(requests)
+        assert gateway.limiter.max_in_flight <= concurrency
         await gateway.aclose()
         await store.close()
     return rps
@@ -138,6 +144,7 @@ async def main(n: int, concurrency: int, rounds: int) -> dict:
         proc.wait(10)
     return {
         "benchmark": "gateway_overhead", "requests": n, "concurrency": concurrency, "rounds": rounds,
+        "gateway_items_in_progress": concurrency * WORKERS_PER_SLOT,
         **{k: round(best[k], 1) for k in ("raw_rps", "gateway_rps", "sdk_raw_rps", "sdk_rps")},
         "ratio": round(best["gateway_rps"] / best["raw_rps"], 3),
         "sdk_ratio": round(best["sdk_rps"] / best["sdk_raw_rps"], 3),

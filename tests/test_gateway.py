@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agentkd.budget import Budget, BudgetExhausted
 from agentkd.config import LimitsSection, PriceSection
-from agentkd.gateway import CallFailed, Gateway
+from agentkd.gateway import CallFailed, Gateway, SendingStopped
 from agentkd.ledger import spent_in_store
 from agentkd.retry import Deferred
 from agentkd.store import Store
@@ -187,6 +187,32 @@ async def test_cancellation_mid_call_settles_the_reservation(tmp_path):
     store = Store(tmp_path / "run.duckdb", read_only=True)
     assert spent_in_store(store)[0] == pytest.approx(gateway.budget.settled_usd)
     store.close_sync()
+
+
+async def test_a_stopping_run_sends_nothing_new_but_lets_calls_in_flight_finish(tmp_path):
+    """Ctrl-C or a budget stop: a call holding a slot is answered and stored; one queued behind the
+    concurrency limit is dropped unsent, with its reservation released."""
+    teacher = ScriptedTeacher(delay=lambda: 0.5)
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0, max_concurrency=1)
+    in_flight = asyncio.create_task(gateway.complete(request("first")))
+    queued = asyncio.create_task(gateway.complete(request("second")))
+    for _ in range(100):
+        if teacher.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert len(teacher.calls) == 1 and gateway.budget.reserved_usd > 0
+    gateway.stop_sending()
+    assert (await in_flight).text == "answer to first"
+    with pytest.raises(SendingStopped):
+        await queued
+    assert len(teacher.calls) == 1 and gateway.budget.reserved_usd == pytest.approx(0.0)
+    assert store.query("SELECT key FROM calls") == [(request("first").key,)]
+    assert store.query("SELECT event, error_class FROM reservations WHERE event = 'release'") == [
+        ("release", "SendingStopped")]
+    gateway.resume_sending()
+    assert (await gateway.complete(request("second"))).text == "answer to second"
+    await gateway.aclose()
+    await store.close()
 
 
 async def test_a_session_that_never_closed_counts_its_whole_cover_as_spent(tmp_path):
