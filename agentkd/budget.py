@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from agentkd.config import ConfigError, PriceSection
 
 
+_UNKNOWN = object()
+
+
 class BudgetExhausted(Exception):
     """The next call could pass the cap. The run stops (exit 3) and resumes with a larger budget."""
 
@@ -57,6 +60,7 @@ class Budget:
         self.restored_usd = 0.0  # what earlier sessions spent (part of settled_*)
         self.restored_tokens = 0
         self._ids = itertools.count()
+        self._prices: dict[str, PriceSection | None] = {}  # looked up once per model
         self._prefix = ""
 
     def restore(self, *, usd: float, tokens: int, run_id: str = "") -> None:
@@ -69,11 +73,14 @@ class Budget:
         return self.cost(model, Usage(input_tokens, max_tokens)), input_tokens + max_tokens
 
     def cost(self, model: str, usage: Usage) -> float:
-        try:
-            price = self._price_of(model)
-        except ConfigError:
-            return 0.0  # a tokens-only budget may use a model without a configured price
-        return cost_usd(price, usage)
+        price = self._prices.get(model, _UNKNOWN)
+        if price is _UNKNOWN:
+            try:
+                price = self._price_of(model)
+            except ConfigError:
+                price = None  # a tokens-only budget may use a model without a configured price
+            self._prices[model] = price
+        return 0.0 if price is None else cost_usd(price, usage)
 
     def fits(self, usd: float, tokens: int) -> bool:
         if self.cap_usd is not None and self.settled_usd + self.reserved_usd + usd > self.cap_usd + 1e-12:

@@ -39,7 +39,7 @@ def _encoded_length(text: str) -> int:
     """cl100k tokens in one message; cached because system prompts and templates repeat across calls."""
     encoding = _offline_encoding()
     assert encoding is not None
-    return len(encoding.encode(text, disallowed_special=()))
+    return len(encoding.encode_ordinary(text))  # special-token text counts as ordinary text
 
 
 def fallback_tokens(text: str) -> int:
