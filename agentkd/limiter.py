@@ -71,6 +71,7 @@ class Limiter:
             "input_tokens": limits.input_tpm, "output_tokens": limits.output_tpm,
         }
         self.buckets = {name: TokenBucket(_paced(value), now) for name, value in self._configured.items()}
+        self._unlimited = all(bucket.per_minute is None for bucket in self.buckets.values())  # no rate to keep
         self._slots = asyncio.Semaphore(limits.max_concurrency)
         self.in_flight = 0  # slots held: requests being sent or answered
         self.max_in_flight = 0
@@ -97,7 +98,7 @@ class Limiter:
                     await self._probe_done.wait()
                 else:
                     self._probe_sent = True
-            if self._unlimited() and self.paused_until <= self._clock() and not self._order.locked():
+            if self._unlimited and self.paused_until <= self._clock() and not self._order.locked():
                 return  # no rate to keep and no pause: only the concurrency slot matters
             async with self._order:
                 costs = self._costs(input_tokens, output_tokens)
@@ -116,9 +117,6 @@ class Limiter:
             self.in_flight -= 1
             self._slots.release()
             raise
-
-    def _unlimited(self) -> bool:
-        return all(bucket.per_minute is None for bucket in self.buckets.values())
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -144,6 +142,7 @@ class Limiter:
             bucket = self.buckets[name]
             if bucket.per_minute != _paced(ceiling):
                 bucket.per_minute = _paced(ceiling)
+                self._unlimited = False
         if estimated_input and actual_input:
             self.input_ratio = 0.9 * self.input_ratio + 0.1 * (actual_input / estimated_input)
         if self.factor < 1.0:
