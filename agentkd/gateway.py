@@ -205,6 +205,8 @@ class Gateway:
         """One HTTP attempt, bracketed by a reservation (durably covered) and its settlement."""
         if self.store.failure is not None:
             raise StoreError(f"not sending paid calls: {self.store.failure}")
+        if not self.sending:
+            raise SendingStopped("the run is stopping: not sent")
         reservation = await self._reserve(key, request.model, estimate, request.max_tokens)
         sent = False
         usage: Usage | None = None
