@@ -1,8 +1,8 @@
 """The one path every teacher call takes (DESIGN.md, "The gateway").
 
     request -> cache (stored answer? a concurrent identical call in flight? share it)
-            -> per attempt: budget.reserve -> covered by a durable block in the store (ledger.py)
-                            -> limiter.acquire -> teacher.complete -> settle (finally, always)
+            -> per attempt: limiter.acquire -> budget.reserve -> covered by a durable block in the
+                            store (ledger.py) -> teacher.complete -> settle (finally, always)
             -> retry policy (tenacity; waits from the provider's headers or full jitter)
             -> the call row is committed before the result is returned
 
@@ -202,11 +202,25 @@ class Gateway:
 
     async def _attempt(self, teacher: Teacher, request: TeacherRequest, key: str, estimate: int,
                        attempt: int) -> tuple[TeacherReply, float]:
-        """One HTTP attempt, bracketed by a reservation (durably covered) and its settlement."""
+        """One HTTP attempt: a limiter slot, then a reservation (durably covered) and its settlement.
+
+        The slot comes first, so only calls about to be sent hold budget: items queued behind the
+        concurrency or rate limit reserve nothing while they wait.
+        """
         if self.store.failure is not None:
             raise StoreError(f"not sending paid calls: {self.store.failure}")
         if not self.sending:
             raise SendingStopped("the run is stopping: not sent")
+        await self.limiter.acquire(estimate, request.max_tokens)
+        try:
+            if not self.sending:  # stopped while this call waited for its slot
+                raise SendingStopped("the run is stopping: not sent")
+            return await self._reserved_attempt(teacher, request, key, estimate, attempt)
+        finally:
+            self.limiter.release()
+
+    async def _reserved_attempt(self, teacher: Teacher, request: TeacherRequest, key: str, estimate: int,
+                                attempt: int) -> tuple[TeacherReply, float]:
         reservation = await self._reserve(key, request.model, estimate, request.max_tokens)
         sent = False
         usage: Usage | None = None
@@ -217,15 +231,9 @@ class Gateway:
         try:
             # Durable before sending: usually at once, from a block committed earlier.
             await self.cover.cover(reservation.usd, reservation.tokens)
-            await self.limiter.acquire(estimate, request.max_tokens)
-            try:
-                if not self.sending:
-                    raise SendingStopped("the run is stopping: not sent")
-                sent = True
-                self.stats.sent += 1
-                reply = await teacher.complete(request, timeout_s=self.limits.timeout_s)
-            finally:
-                self.limiter.release()
+            sent = True
+            self.stats.sent += 1
+            reply = await teacher.complete(request, timeout_s=self.limits.timeout_s)
             status = 200
             usage = Usage(reply.input_tokens, reply.output_tokens, reply.cached_tokens)
             outcome = "settle"
