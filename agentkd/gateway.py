@@ -178,8 +178,12 @@ class Gateway:
                             raise error
                         attempts += 1
                         reply, cost = await self._attempt(teacher, request, key, estimate.tokens, attempts)
-        except Deferred:
+        except Deferred as deferred:
+            # Recorded, so the attempts it made and why it waits are in the run database; an ok row
+            # follows when the item comes back and succeeds.
             self.stats.deferred += 1
+            await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts,
+                                                           self._clock() - started, deferred=deferred))
             raise
         except TeacherError as err:
             last_error = err
@@ -293,7 +297,7 @@ class Gateway:
 
     def _call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
                   reply: TeacherReply | None = None, cost: float = 0.0,
-                  error: TeacherError | None = None) -> dict[str, Any]:
+                  error: TeacherError | None = None, deferred: Deferred | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {
             "key": key, "role": request.role, "provider": request.provider, "model": request.model,
             "prompt_version": request.prompt_version,
@@ -309,6 +313,9 @@ class Gateway:
         if error is not None:
             detail = str(error) if error.snippet is None else f"{error}; body: {error.snippet[:300]}"
             row.update(status="error", error_class=error.error_class, error_detail=detail, cost_usd=0.0)
+        if deferred is not None:
+            row.update(status="deferred", error_class=deferred.cause.error_class, error_detail=str(deferred),
+                       cost_usd=0.0)
         return row
 
 

@@ -126,6 +126,11 @@ async def test_long_retry_after_defers_the_item(tmp_path):
     with pytest.raises(Deferred):
         await gateway.complete(request())
     assert clock.sleeps == []
+    # The deferral is on record (the attempt and why it waits), and is not an answer the cache serves.
+    assert store.query("SELECT status, error_class, attempts FROM calls") == [("deferred", "RateLimited", 1)]
+    assert store.query("SELECT error_detail FROM calls")[0][0].startswith("provider asked to wait 3600 s")
+    assert await gateway.complete(request()) and store.query(
+        "SELECT status FROM calls ORDER BY created_at") == [("deferred",), ("ok",)]
     await store.close()
 
 
