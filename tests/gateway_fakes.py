@@ -53,5 +53,13 @@ class ScriptedTeacher:
         return TeacherReply(text=f"answer to {request.messages[-1]['content']}", finish_reason="stop",
                             input_tokens=self.usage[0], output_tokens=self.usage[1])
 
+    async def sent(self, n: int = 1, *, timeout_s: float = 5.0) -> None:
+        """Wait until `n` requests have reached this teacher (the first one waits for the store's first
+        cover block, whose commit may take longer than a fixed sleep on a loaded machine)."""
+        for _ in range(int(timeout_s / 0.01)):
+            if len(self.calls) >= n:
+                return
+            await asyncio.sleep(0.01)
+
     async def aclose(self) -> None:
         pass

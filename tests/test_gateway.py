@@ -181,7 +181,7 @@ async def test_cancellation_mid_call_settles_the_reservation(tmp_path):
     teacher = ScriptedTeacher(delay=lambda: 10.0)
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
     task = asyncio.create_task(gateway.complete(request()))
-    await asyncio.sleep(0.05)
+    await teacher.sent()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -201,10 +201,7 @@ async def test_a_stopping_run_sends_nothing_new_but_lets_calls_in_flight_finish(
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0, max_concurrency=1)
     in_flight = asyncio.create_task(gateway.complete(request("first")))
     queued = asyncio.create_task(gateway.complete(request("second")))
-    for _ in range(100):
-        if teacher.calls:
-            break
-        await asyncio.sleep(0.01)
+    await teacher.sent()
     assert len(teacher.calls) == 1 and gateway.budget.reserved_usd > 0
     gateway.stop_sending()
     assert (await in_flight).text == "answer to first"
@@ -224,7 +221,7 @@ async def test_a_session_that_never_closed_counts_its_whole_cover_as_spent(tmp_p
     teacher = ScriptedTeacher(delay=lambda: 10.0)
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
     task = asyncio.create_task(gateway.complete(request()))
-    await asyncio.sleep(0.05)
+    await teacher.sent()
     assert len(teacher.calls) == 1  # in flight: the provider is working on it
     blocks = store.query("SELECT sum(usd), sum(tokens) FROM reservations WHERE event = 'block'")[0]
     assert blocks[0] >= gateway.budget.reserved_usd > 0 and blocks[1] >= gateway.budget.reserved_tokens
