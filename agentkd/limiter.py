@@ -29,18 +29,17 @@ MIN_FACTOR = 0.5
 class TokenBucket:
     """Continuous refill at `rate`/s, capacity about one second of rate; may go into debt."""
 
+    __slots__ = ("per_minute", "rate", "capacity", "level", "stamp")
+
     def __init__(self, per_minute: float | None, now: float) -> None:
-        self.per_minute = per_minute
+        self.set_pace(per_minute)
         self.level = self.capacity
         self.stamp = now
 
-    @property
-    def rate(self) -> float:
-        return (self.per_minute or 0.0) / 60.0
-
-    @property
-    def capacity(self) -> float:
-        return max(self.rate, 1.0)
+    def set_pace(self, per_minute: float | None) -> None:
+        self.per_minute = per_minute
+        self.rate = (per_minute or 0.0) / 60.0
+        self.capacity = max(self.rate, 1.0)
 
     def refill(self, now: float, factor: float) -> None:
         if self.per_minute is not None:
@@ -71,15 +70,18 @@ class Limiter:
             "input_tokens": limits.input_tpm, "output_tokens": limits.output_tpm,
         }
         self.buckets = {name: TokenBucket(_paced(value), now) for name, value in self._configured.items()}
-        self._unlimited = all(bucket.per_minute is None for bucket in self.buckets.values())  # no rate to keep
+        self._limited: list[tuple[int, TokenBucket]] = []  # (index into _costs, bucket) with a rate to keep
+        self._find_limited()
         self._slots = asyncio.Semaphore(limits.max_concurrency)
         self.in_flight = 0  # slots held: requests being sent or answered
         self.max_in_flight = 0
         self._order = asyncio.Lock()  # FIFO: waiters are admitted in arrival order
+        self._queued = 0  # tasks in or waiting for `_order`: while any are, nobody takes the fast path
         self.paused_until = 0.0
         self.factor = 1.0
         self._last_slowdown = -1e9
         self.rate_limited = 0
+        self._announced_raw: tuple[str | None, ...] = (None,) * len(ANNOUNCING_HEADERS)
         self.input_ratio = 1.0  # provider-counted / estimated input tokens, learned from usage
         # With no limit configured, the first request goes alone: its reply's headers announce the
         # limits, and a blind burst of max_concurrency requests would be answered with 429s.
@@ -98,25 +100,50 @@ class Limiter:
                     await self._probe_done.wait()
                 else:
                     self._probe_sent = True
-            if self._unlimited and self.paused_until <= self._clock() and not self._order.locked():
-                return  # no rate to keep and no pause: only the concurrency slot matters
-            async with self._order:
-                costs = self._costs(input_tokens, output_tokens)
-                while True:
-                    now = self._clock()
-                    for bucket in self.buckets.values():
-                        bucket.refill(now, self.factor)
-                    wait = max(self.paused_until - now,
-                               *(self.buckets[n].wait(c, self.factor) for n, c in costs.items()))
-                    if wait <= 0:
-                        for name, cost in costs.items():
-                            self.buckets[name].take(cost)
-                        return
-                    await self._sleep(wait)
+            # Nobody waiting and no pause: take room now if every bucket has it, without the queue.
+            if not self._queued and self.paused_until <= (now := self._clock()):
+                if self._unlimited or self._take_if_room(now, self._costs(input_tokens, output_tokens)):
+                    return
+            self._queued += 1
+            try:
+                async with self._order:
+                    costs = self._costs(input_tokens, output_tokens)
+                    while True:
+                        now = self._clock()
+                        wait = max(self.paused_until - now, self._refill_and_wait(now, costs))
+                        if wait <= 0:
+                            self._take(costs)
+                            return
+                        await self._sleep(wait)
+            finally:
+                self._queued -= 1
         except BaseException:
             self.in_flight -= 1
             self._slots.release()
             raise
+
+    def _take_if_room(self, now: float, costs: tuple[float, ...]) -> bool:
+        if self._refill_and_wait(now, costs) > 0:
+            return False
+        self._take(costs)
+        return True
+
+    def _refill_and_wait(self, now: float, costs: tuple[float, ...]) -> float:
+        """Refill every bucket; the longest any of them needs before `costs` may be taken."""
+        wait = 0.0
+        for index, bucket in self._limited:
+            bucket.refill(now, self.factor)
+            wait = max(wait, bucket.wait(costs[index], self.factor))
+        return wait
+
+    def _take(self, costs: tuple[float, ...]) -> None:
+        for index, bucket in self._limited:
+            bucket.take(costs[index])
+
+    def _find_limited(self) -> None:
+        self._limited = [(index, bucket) for index, bucket in enumerate(self.buckets.values())
+                         if bucket.per_minute is not None]
+        self._unlimited = not self._limited  # no rate to keep: only the concurrency slot matters
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -125,14 +152,24 @@ class Limiter:
             self._probing = False
             self._probe_done.set()
 
-    def _costs(self, input_tokens: int, output_tokens: int) -> dict[str, float]:
+    def _costs(self, input_tokens: int, output_tokens: int) -> tuple[float, ...]:
+        """What one request takes from each bucket, in the order of `buckets`."""
         scaled_input = input_tokens * self.input_ratio
-        return {"requests": 1.0, "tokens": scaled_input + output_tokens,
-                "input_tokens": scaled_input, "output_tokens": float(output_tokens)}
+        return 1.0, scaled_input + output_tokens, scaled_input, float(output_tokens)
 
     def observe(self, headers: Mapping[str, str], *, estimated_input: int | None = None,
                 actual_input: int | None = None) -> None:
         """Follow the limits a provider announces; learn how our input estimate compares to its count."""
+        announced_raw = tuple(headers.get(name) for name in ANNOUNCING_HEADERS)
+        if announced_raw != self._announced_raw:  # providers repeat the same limits on every reply
+            self._announced_raw = announced_raw
+            self._follow_announced(headers)
+        if estimated_input and actual_input:
+            self.input_ratio = 0.9 * self.input_ratio + 0.1 * (actual_input / estimated_input)
+        if self.factor < 1.0:
+            self.factor = min(1.0, self.factor + RECOVERY)
+
+    def _follow_announced(self, headers: Mapping[str, str]) -> None:
         for name, header_names in LIMIT_HEADERS.items():
             announced = _first_number(headers, header_names)
             if announced is None or announced <= 0:
@@ -141,12 +178,8 @@ class Limiter:
             ceiling = announced if configured is None else min(configured, announced)
             bucket = self.buckets[name]
             if bucket.per_minute != _paced(ceiling):
-                bucket.per_minute = _paced(ceiling)
-                self._unlimited = False
-        if estimated_input and actual_input:
-            self.input_ratio = 0.9 * self.input_ratio + 0.1 * (actual_input / estimated_input)
-        if self.factor < 1.0:
-            self.factor = min(1.0, self.factor + RECOVERY)
+                bucket.set_pace(_paced(ceiling))
+                self._find_limited()
 
     def on_rate_limited(self, wait_s: float) -> None:
         """A 429: hold every task for wait_s and slow the pace a little."""
@@ -171,6 +204,8 @@ LIMIT_HEADERS: dict[str, tuple[str, ...]] = {
     "input_tokens": ("anthropic-ratelimit-input-tokens-limit",),
     "output_tokens": ("anthropic-ratelimit-output-tokens-limit",),
 }
+
+ANNOUNCING_HEADERS = tuple(name for names in LIMIT_HEADERS.values() for name in names)
 
 
 def _first_number(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
