@@ -8,9 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Protocol
+
+
+class computed_once:
+    """functools.cached_property without the lock Python 3.11 takes on every first access
+    (gh-87634); the gateway reads a fresh request's key on every call."""
+
+    def __init__(self, compute: Callable[[Any], Any]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)  # later reads skip the descriptor
+        return value
 
 
 @dataclass(frozen=True)
@@ -40,12 +56,12 @@ class TeacherRequest:
             "sample": self.sample,
         }
 
-    @cached_property
+    @computed_once
     def canonical_json(self) -> str:
         """The canonical request as compact JSON with sorted keys: what the key hashes and the store keeps."""
         return json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
-    @cached_property
+    @computed_once
     def key(self) -> str:
         """sha256 of the canonical request: the cache and never-pay-twice key."""
         return hashlib.sha256(self.canonical_json.encode("utf-8")).hexdigest()
