@@ -124,7 +124,7 @@ class Lion:
             if rationale:
                 explanation, c = await calls.explain(self.s.gateway, self.s.prompts, item.text, with_rationale=
                                                      calls.rationale_selected(item.text, self.loop.rationale_rate))
-                self.store.submit("rationales", [{
+                self.store.enqueue("rationales", [{
                     "example_id": item.id, "label": explanation.label, "rationale": explanation.rationale,
                     "parsed_ok": explanation.label is not None, "reason": explanation.reason, "call_key": c.key}])
             await self.store.write_many("responses", rows)
@@ -161,7 +161,7 @@ class Lion:
                      pair.keys[0]),
                     ("student_first", pair.student_first, pair.student_first.score_b, pair.student_first.score_a,
                      pair.keys[1]))]
-            self.store.submit("judgments", judgments)
+            self.store.enqueue("judgments", judgments)
             v = pair.verdict
             await self.store.write("verdicts", {"instruction_id": item.id, "iteration": t, "teacher_score":
                                                 v.teacher_score, "student_score": v.student_score, "label": v.label,

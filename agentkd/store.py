@@ -25,7 +25,7 @@ _FLUSH_BATCH = 2_000
 
 def _resolve(items: list, error: BaseException | None) -> None:
     for _, _, future in items:
-        if not future.done():
+        if future is not None and not future.done():
             if error is None:
                 future.set_result(None)
             else:
@@ -36,8 +36,7 @@ def _to_tuple(table: str, row: Mapping[str, Any]) -> tuple:
     """A row in column order. created_at left empty is stamped when the row is committed (store_db)."""
     if not row.keys() <= COLUMN_SETS[table]:
         raise KeyError(f"{table}: unknown column(s) {sorted(set(row) - COLUMN_SETS[table])}")
-    get = row.get
-    return tuple([get(c) for c in COLUMNS[table]])
+    return tuple(map(row.get, COLUMNS[table]))
 
 
 class Store:
@@ -87,6 +86,15 @@ class Store:
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((table, [_to_tuple(table, r) for r in rows], future))
         return future
+
+    def enqueue(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Queue rows without waiting for them: the writer is FIFO, so anything awaited later commits
+        after them; if their batch fails, `failure` is set and the next write raises it."""
+        if self.failure is not None:
+            raise self.failure
+        if self._queue is None:
+            raise RuntimeError("Store.start() must run before async writes")
+        self._queue.put_nowait((table, [_to_tuple(table, r) for r in rows], None))
 
     async def write(self, table: str, row: Mapping[str, Any]) -> None:
         await self.submit(table, [row])

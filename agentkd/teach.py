@@ -79,9 +79,9 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
             account(c)
             # Also as training data, so `agentkd train` can learn from what teach bought.
             iid = instruction_id(row["instruction"])
-            session.store.submit("instructions", [{"id": iid, "text": row["instruction"], "source": "seed",
+            session.store.enqueue("instructions", [{"id": iid, "text": row["instruction"], "source": "seed",
                                                    "iteration": 1, "pool": "train"}])
-            session.store.submit("responses", [{"instruction_id": iid, "actor": "teacher", "iteration": 1,
+            session.store.enqueue("responses", [{"instruction_id": iid, "actor": "teacher", "iteration": 1,
                                                 "text": c.text, "call_key": c.key}])
             return {"answer": c.text, "truncated": c.truncated}
         return handle
@@ -94,7 +94,7 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
                                                  with_rationale=with_rationale, gold_label=gold)
             account(c)
             summary.parse_failures += explanation.label is None
-            session.store.submit("rationales", [{
+            session.store.enqueue("rationales", [{
                 "example_id": instruction_id(row["instruction"]), "label": explanation.label,
                 "rationale": explanation.rationale, "parsed_ok": explanation.label is not None,
                 "reason": explanation.reason, "call_key": c.key}])
