@@ -94,7 +94,7 @@ class Gateway:
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._stored_keys: set[str] = set()
-        self._in_flight: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, asyncio.Future | None] = {}
         self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
         self._session = uuid.uuid4().hex[:8]
         self.sending = True  # False: calls still waiting for a slot are dropped, not sent
@@ -133,26 +133,28 @@ class Gateway:
             if stored is not None:
                 self.stats.cache_hits += 1
                 return _completion_from_row(stored)
-        shared = self._in_flight.get(key)
-        if shared is not None:
+        if key in self._in_flight:
             self.stats.shared_in_flight += 1
+            shared = self._in_flight[key]
+            if shared is None:
+                shared = self._in_flight[key] = asyncio.get_running_loop().create_future()
+                shared.add_done_callback(_consume_exception)
             return await asyncio.shield(shared)
-        future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_consume_exception)
-        self._in_flight[key] = future
+        self._in_flight[key] = None  # the future is made only if an identical request arrives meanwhile
         try:
             result = await self._call_teacher(request, key)
-        except Exception as err:
-            future.set_exception(err)
+        except BaseException as err:
+            shared = self._in_flight.pop(key)
+            if shared is not None:
+                if isinstance(err, Exception):
+                    shared.set_exception(err)
+                else:  # cancelled (Ctrl-C): callers sharing this call are cancelled too
+                    shared.cancel()
             raise
-        except BaseException:  # cancelled (Ctrl-C): callers sharing this call are cancelled too
-            future.cancel()
-            raise
-        else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._in_flight[key]
+        shared = self._in_flight.pop(key)
+        if shared is not None:
+            shared.set_result(result)
+        return result
 
     async def _call_teacher(self, request: TeacherRequest, key: str) -> Completion:
         teacher = self.teachers[request.provider]
@@ -286,7 +288,7 @@ class Gateway:
 
     def _record(self, row: dict[str, Any], table: str) -> None:
         try:
-            self.store.submit(table, [row]).add_done_callback(_consume_exception)
+            self.store.enqueue(table, [row])
         except StoreError:
             pass  # the store's failure is raised before the next paid call
 
