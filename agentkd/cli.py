@@ -13,6 +13,7 @@ from rich.console import Console
 
 from agentkd.budget import BudgetExhausted
 from agentkd.config import ConfigError, load_config
+from agentkd.process import freeze_startup_heap
 from agentkd.roles.template import TemplateError
 from agentkd.store import StoreError, StoreLockedError
 from agentkd.teachers.base import AuthError, QuotaExceeded
@@ -117,6 +118,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "teach":
         from agentkd.teach import teach
 
+        freeze_startup_heap()
+
         rate = args.rationale_rate if args.rationale_rate is not None else config.loop.rationale_rate
         summary = asyncio.run(teach(config, args.role, args.input, args.output, rationale_rate=rate,
                                     mode=args.mode, show_progress=not args.no_progress, console=console))
@@ -137,6 +140,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     if args.command == "run":
         from agentkd.loop import run_loop
+
+        freeze_startup_heap()
 
         return run_loop(config, show_progress=not args.no_progress, console=console)
     raise AssertionError(args.command)

@@ -36,6 +36,7 @@ import openai
 from agentkd.budget import Budget
 from agentkd.config import SIM_PRICE, LimitsSection
 from agentkd.gateway import Gateway
+from agentkd.process import freeze_startup_heap
 from agentkd.store import Store
 from agentkd.teachers.base import TeacherRequest
 from agentkd.teachers.sdk import OpenAISDKTeacher
@@ -115,6 +116,8 @@ async def run_sdk_raw(base_url: str, requests: list[TeacherRequest], concurrency
 
 
 async def main(n: int, concurrency: int, rounds: int) -> dict:
+    # As `agentkd teach` and `agentkd run` do at start; it applies to every client measured here.
+    freeze_startup_heap()
     proc, base_url = start_sim()
     try:
         wire = lambda: WireTeacher(provider="sim", wire="openai", base_url=base_url + "/v1", api_key=None,
