@@ -78,6 +78,31 @@ async def test_async_writes_are_readable_after_ack(tmp_path):
     again.close_sync()
 
 
+async def test_enqueued_rows_commit_before_a_later_awaited_write(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    for i in range(300):
+        store.enqueue("metrics", [{"iteration": 0, "name": "queued", "value": float(i), "step": i}])
+    await store.write("metrics", {"iteration": 0, "name": "awaited", "value": 0.0, "step": 0})
+    # FIFO writer: once the awaited row is acknowledged, every row queued before it is stored too.
+    assert store.query("SELECT name, count(*) FROM metrics GROUP BY name ORDER BY name") == [
+        ("awaited", 1), ("queued", 300)]
+    await store.close()
+
+
+async def test_a_failed_enqueued_batch_fails_the_next_write(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    store.query("DROP TABLE metrics")  # the enqueued row's batch will fail
+    store.enqueue("metrics", [{"name": "x", "value": 1.0}])
+    with pytest.raises(StoreError, match="write failed"):
+        await store.write("calls", {"key": "k"})  # same batch as the failing row, or refused after it
+    with pytest.raises(StoreError):
+        store.enqueue("calls", [{"key": "k2"}])
+    assert store.failure is not None
+    await store.close()
+
+
 async def test_unknown_column_is_rejected_before_queueing(tmp_path):
     store = Store(tmp_path / "run.duckdb")
     await store.start()
