@@ -160,6 +160,9 @@ class TrainSection(Section):
     warmup_steps: int = Field(50, ge=0)
     epochs: float = Field(3.0, gt=0)
     max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per training call.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Cap on optimiser steps per training call: a budget that does not depend on machine load."
+    )
     batch_size: int = Field(32, gt=0)
     max_len: int = Field(128, gt=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -180,14 +183,27 @@ class TrainSection(Section):
     dirichlet_beta: float = Field(1.0, ge=0)
     logprob_gamma: float = Field(1.0, ge=0)
     top_k: int = Field(16, gt=0, description="Sparse target width per position.")
-    # proxy_kd (2401.07013 v2)
+    posterior_q: Literal["proxy", "self"] = Field(
+        "proxy",
+        description="posterior_kd evidence q: the run's trained proxy (the method), or \"self\": the student "
+        "frozen as it is before this call (self-distillation; an explicit option, never the default).",
+    )
+    # proxy_kd (2401.07013 v2); the proxy is also posterior_kd's q
     proxy_spec: str | None = Field(None, description="students/*.toml of the proxy (same tokenizer).")
-    proxy_split: list[float] = Field(default_factory=lambda: [0.10, 0.45, 0.45])
+    proxy_split: list[float] = Field(
+        default_factory=lambda: [0.10, 0.45, 0.45],
+        description="Stable per-example roles by a hash of the instruction: proxy warm-up, proxy alignment, "
+        "student KD (Proxy-KD's 10/45/45). The student learns NLL from every answer, KD only on the last role.",
+    )
     align_rounds: int = Field(2, ge=0)
     dpo_beta: float = Field(0.1, gt=0)
     proxy_top_k: int = Field(10, gt=0)
     proxy_epochs: float = Field(1.0, gt=0, description="Epochs of each proxy stage (warm-up, each round).")
     proxy_max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per proxy stage.")
+    proxy_max_steps: int | None = Field(None, gt=0, description="Cap on optimiser steps per proxy stage.")
+    proxy_eval_size: int = Field(
+        200, gt=0, description="KD-role teacher answers (never trained on by the proxy) its quality is scored on."
+    )
     proxy_temperature: float = Field(0.7, ge=0, description="Proxy sampling temperature for DPO negatives.")
     log_every: int = Field(10, gt=0, description="Steps between log_metric calls.")
 

@@ -113,8 +113,8 @@ def train(
 
     stats = _optimise(
         student.model, rows, step_loss, cfg, accelerator,
-        pad_id=tok.pad_token_id, epochs=cfg.epochs, max_seconds=cfg.max_seconds, seed=seed,
-        name="train", log_metric=log_metric, progress=progress,
+        pad_id=tok.pad_token_id, epochs=cfg.epochs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
+        seed=seed, name="train", log_metric=log_metric, progress=progress,
     )
     out_dir = Path(out_dir)
     if accelerator.is_main_process:
@@ -141,11 +141,12 @@ def _optimise(
     max_seconds: float | None,
     seed: int,
     name: str,
+    max_steps: int | None = None,
     log_metric: LogMetric | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Shuffled batches for `epochs` (a fraction allowed) or until max_seconds of wall clock, whichever
-    comes first. AdamW, linear warm-up then constant LR, grad clipping. Trains `model` in place."""
+    """Shuffled batches for `epochs` (a fraction allowed), at most max_steps optimiser steps, or until
+    max_seconds of wall clock, whichever comes first. AdamW, linear warm-up then constant LR, grad clipping. Trains `model` in place."""
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -155,6 +156,8 @@ def _optimise(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = max(1, math.ceil(len(rows) / (cfg.batch_size * world)))  # last batch may be short
     total_steps = max(1, math.ceil(epochs * per_epoch))
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
     rng = random.Random(seed)
     losses: list[float] = []
     tokens, step, begun = 0, 0, time.perf_counter()
