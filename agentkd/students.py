@@ -72,6 +72,7 @@ class Student:
     model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
     tokenizer: PreTrainedTokenizerBase
     spec: StudentSpec
+    trained_examples: int = 0  # teacher answers a proxy has trained on (0: untrained, unusable as a proxy)
 
 
 def load_spec(path: str | Path) -> StudentSpec:

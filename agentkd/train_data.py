@@ -61,6 +61,15 @@ def encode_pair(tokenizer, prompt: str, target: str, max_len: int) -> EncodedRow
     return EncodedRow(input_ids=ids, labels=labels, start=min(len(head), len(ids)))
 
 
+def encode_response_ids(tokenizer, prompt: str, response_ids: Sequence[int], max_len: int) -> EncodedRow:
+    """Like encode_pair, with the response given as ids exactly as they should be scored (an eos is
+    not added: it is in response_ids only if the response really ended)."""
+    head = prompt_ids(tokenizer, prompt)
+    ids = (head + list(response_ids))[:max_len]
+    labels = ([IGNORE] * len(head) + list(response_ids))[:max_len]
+    return EncodedRow(input_ids=ids, labels=labels, start=min(len(head), len(ids)))
+
+
 def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels, all (B, T)."""
     width = max(len(r.input_ids) for r in rows)
@@ -74,16 +83,20 @@ def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_targets(rows: Sequence[EncodedRow], targets: Sequence[SparseTargets], width: int) -> dict[str, torch.Tensor]:
-    """Place each row's sparse targets at its label positions: ids, probs (B, T, k) and tail (B, T)."""
-    k = targets[0].ids.size(-1)
+def collate_targets(rows: Sequence[EncodedRow], targets: Sequence[SparseTargets | None], width: int) -> dict[str, torch.Tensor]:
+    """Place each row's sparse targets at its label positions: ids, probs (B, T, k) and tail (B, T).
+    A row without targets (None: NLL only, e.g. outside the KD role) gets zero mass, so no KL term."""
+    k = next((t.ids.size(-1) for t in targets if t is not None), 1)
     ids = torch.zeros((len(rows), width, k), dtype=torch.long)
     probs = torch.zeros((len(rows), width, k))
     tail = torch.zeros((len(rows), width))
     for i, (row, tgt) in enumerate(zip(rows, targets, strict=True)):
-        n = len(row.input_ids) - row.start  # target positions that survived truncation
-        ids[i, row.start : row.start + n] = tgt.ids[:n].long()
-        probs[i, row.start : row.start + n] = tgt.probs[:n]
+        if tgt is None:
+            continue
+        n = min(len(row.input_ids) - row.start, tgt.ids.size(0))  # target positions that survived truncation
+        w = tgt.ids.size(-1)  # rows may differ in support width: the rest stays zero mass
+        ids[i, row.start : row.start + n, :w] = tgt.ids[:n].long()
+        probs[i, row.start : row.start + n, :w] = tgt.probs[:n]
         tail[i, row.start : row.start + n] = tgt.tail[:n]
     return {"target_ids": ids, "target_probs": probs, "target_tail": tail}
 
