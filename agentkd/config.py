@@ -208,6 +208,17 @@ class TrainSection(Section):
     log_every: int = Field(10, gt=0, description="Steps between log_metric calls.")
 
 
+    @model_validator(mode="after")
+    def _posterior_needs_a_proxy(self) -> TrainSection:
+        if self.objective in ("posterior_kd", "proxy_kd") and self.proxy_spec is None and not (
+            self.objective == "posterior_kd" and self.posterior_q == "self"
+        ):
+            hint = ' (or train.posterior_q = "self" for self-distillation)' if self.objective == "posterior_kd" else ""
+            raise ValueError(f"{self.objective} needs a trained proxy: set train.proxy_spec to a students/*.toml "
+                             f"larger than the student, on its tokenizer{hint}")
+        return self
+
+
 class LoopSection(Section):
     iterations: int = Field(3, ge=1)
     seeds: str | None = Field(None, description="JSONL of seed instructions (field 'instruction').")

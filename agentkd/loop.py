@@ -3,6 +3,7 @@
     setup         seeds -> Train Pool A(1) and Cache Pool B; the held-out set is fixed here
     for t in 1..T:
       answer      the teacher answers A(t) (and explains it, for the rationale objective)
+      proxy       (posterior_kd, proxy_kd) the run's proxy trains further on A(t): proxy/<t>/
       train       the student is fine-tuned on A(t), continuing from iteration t-1's weights
       judge       student and teacher answer a budgeted sample of B(t); the referee scores both, in
                   both orders -> hard / easy / unscored
@@ -30,7 +31,7 @@ from agentkd.roles import calls
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.students import Student
 from agentkd.train import generate_answers
-from agentkd.training_run import examples_from_store, load_student, train_iteration
+from agentkd.training_run import examples_from_store, load_student, needs_proxy, proxy_stage, train_iteration
 from agentkd.workpool import PoolOutcome, run_all
 
 EXIT_OK, EXIT_BUDGET = 0, 3
@@ -80,6 +81,8 @@ class Lion:
             await self._stage(done, t, "answer", lambda t=t: self.answer(t))
             if (0, "eval") not in done:  # baseline: the untrained student, built once answers exist
                 await self._stage(done, 0, "eval", lambda: self.evaluate(0))
+            if needs_proxy(self.config):
+                await self._stage(done, t, "proxy", lambda t=t: self.proxy(t))
             await self._stage(done, t, "train", lambda t=t: self.train(t))
             await self._stage(done, t, "judge", lambda t=t: self.judge(t))
             await self._stage(done, t, "generate", lambda t=t: self.generate(t))
@@ -131,9 +134,26 @@ class Lion:
 
         await self._each(items, handle, f"answer A({t})")
 
+    def _train_examples(self, t: int):
+        return examples_from_store(self.store, iteration=t, up_to=self.loop.imitate_on == "cache_pool")
+
+    async def proxy(self, t: int) -> None:
+        """posterior/proxy KD: the run's proxy trained further on this iteration's answers (proxy.py)."""
+        examples = self._train_examples(t)
+        if not examples:
+            return
+        await asyncio.to_thread(proxy_stage, self.config, self.store, self._student(), examples, t,
+                                progress=self.show_progress)
+        rows = self.store.query("SELECT stage, proxy_logp, student_logp FROM proxy_stages WHERE iteration = ? "
+                                "ORDER BY created_at", [t])
+        if rows:
+            first, last = rows[0], rows[-1]
+            self.console.print(f"proxy: held-out log p per token {first[1]:.3f} -> {last[1]:.3f} "
+                               f"(student {last[2]:.3f}) over {len(rows) - 1} stage(s)")
+
     async def train(self, t: int) -> None:
         """Fine-tune on A(t) (or all of B(t)), continuing from iteration t-1 (Lion), in a worker thread."""
-        examples = examples_from_store(self.store, iteration=t, up_to=self.loop.imitate_on == "cache_pool")
+        examples = self._train_examples(t)
         if not examples:
             self.console.print(f"iteration {t}: no teacher-answered instructions in A({t}); training skipped")
             return

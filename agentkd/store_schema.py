@@ -57,7 +57,15 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
     "train_runs": [
         ("iteration", "INTEGER"), ("objective", "VARCHAR"), ("checkpoint", "VARCHAR"),
         ("steps", "INTEGER"), ("examples", "INTEGER"), ("final_loss", "DOUBLE"),
-        ("seconds", "DOUBLE"), ("created_at", "TIMESTAMP"),
+        ("seconds", "DOUBLE"), ("created_at", "TIMESTAMP"), ("kd_examples", "INTEGER"),
+        ("evidence_used", "INTEGER"), ("evidence_unused", "INTEGER"),
+    ],
+    # The proxy's training (proxy.py): one row per stage, with its quality after the stage — mean
+    # per-token log p(teacher answer) on held-out (kd-role) answers, the proxy's and the student's.
+    "proxy_stages": [
+        ("iteration", "INTEGER"), ("stage", "VARCHAR"), ("steps", "INTEGER"), ("examples", "INTEGER"),
+        ("loss", "DOUBLE"), ("seconds", "DOUBLE"), ("proxy_logp", "DOUBLE"), ("student_logp", "DOUBLE"),
+        ("checkpoint", "VARCHAR"), ("created_at", "TIMESTAMP"),
     ],
     "metrics": [
         ("iteration", "INTEGER"), ("name", "VARCHAR"), ("value", "DOUBLE"), ("step", "INTEGER"),

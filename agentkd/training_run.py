@@ -13,6 +13,8 @@ from transformers.utils import logging as hf_logging
 
 from agentkd.config import ConfigError, RunConfig
 from agentkd.store import Store
+from agentkd.proxy import MARKER as PROXY_MARKER
+from agentkd.proxy import build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy
 from agentkd.students import Student, build_student, load_checkpoint, load_spec
 from agentkd.train import TrainResult, train
 from agentkd.train_data import TrainingExample
@@ -93,31 +95,68 @@ def load_student(config: RunConfig, store: Store) -> tuple[Student, int]:
     return build_student(spec, corpus=tokenizer_corpus(store), lora=config.train.lora, seed=config.run.seed), 0
 
 
-def build_proxy(config: RunConfig, student: Student) -> Student | None:
-    """The proxy for posterior/proxy KD: larger than the student, built on the student's tokenizer."""
+def needs_proxy(config: RunConfig, objective: str | None = None) -> bool:
+    """posterior_kd (with the proxy's q, the method) and proxy_kd train on the run's proxy."""
+    objective = objective or config.train.objective
+    return objective == "proxy_kd" or (objective == "posterior_kd" and config.train.posterior_q == "proxy")
+
+
+def proxy_dir(config: RunConfig, iteration: int) -> Path:
+    return config.run_dir / "proxy" / str(iteration)
+
+
+def proxy_stage(config: RunConfig, store: Store, student: Student, examples: list[TrainingExample],
+                iteration: int, *, progress: bool = True) -> Student:
+    """The proxy for this iteration: proxy/<iteration>/ if it was already trained (a resumed run), else
+    the newest earlier proxy of the run (or a fresh one from train.proxy_spec) trained further on these
+    examples, saved to proxy/<iteration>/, and one proxy_stages row per stage."""
     if config.train.proxy_spec is None:
-        return None
+        raise ConfigError("train.proxy_spec: this objective needs the run's proxy; set train.proxy_spec")
     spec = load_spec(config.resolve_path(config.train.proxy_spec))
-    return build_student(spec, tokenizer=student.tokenizer, seed=config.run.seed + 1)
+    done = proxy_dir(config, iteration)
+    if (done / PROXY_MARKER).exists():
+        proxy = load_proxy(done, spec=spec)
+        check_same_tokenizer(student, proxy)
+        return proxy
+    earlier = latest_proxy_dir(config.run_dir / "proxy", up_to=iteration - 1)
+    proxy = load_proxy(earlier, spec=spec) if earlier is not None else build_proxy_model(spec, student, seed=config.run.seed + 1)
+    check_same_tokenizer(student, proxy)
+    _set_threads(config)
+
+    def log_metric(name: str, value: float, step: int) -> None:
+        store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])
+
+    stages = train_proxy(proxy, examples, config.train, seed=config.run.seed + iteration, iteration=iteration,
+                         student=student, log_metric=log_metric, progress=progress)
+    save_proxy(proxy, done, iteration=iteration)
+    store.append_now("proxy_stages", [{**s.row(), "checkpoint": str(done)} for s in stages])
+    return proxy
+
+
+def _set_threads(config: RunConfig) -> None:
+    if config.train.cpu_threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(config.train.cpu_threads)
 
 
 def train_iteration(config: RunConfig, store: Store, student: Student, examples: list[TrainingExample],
                     iteration: int, *, progress: bool = True, objective: str | None = None) -> TrainResult:
-    """Train (continuing from the student's weights), save checkpoints/<iteration>/, record it."""
+    """Train (continuing from the student's weights), save checkpoints/<iteration>/, record it. The
+    posterior/proxy KD objectives train or load this iteration's proxy first (proxy_stage)."""
     cfg = config.train if objective is None else config.train.model_copy(update={"objective": objective})
-    if cfg.cpu_threads is not None and not torch.cuda.is_available():
-        torch.set_num_threads(cfg.cpu_threads)
+    _set_threads(config)
+    proxy = proxy_stage(config, store, student, examples, iteration, progress=progress) if needs_proxy(config, cfg.objective) else None
 
     def log_metric(name: str, value: float, step: int) -> None:
         store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])
 
     result = train(student, examples, cfg, out_dir=config.run_dir / "checkpoints" / str(iteration),
-                   seed=config.run.seed + iteration, proxy=build_proxy(config, student),
+                   seed=config.run.seed + iteration, proxy=proxy,
                    teacher_corpus=teacher_corpus(store) or None, log_metric=log_metric, progress=progress)
     store.append_now("train_runs", [{
         "iteration": iteration, "objective": cfg.objective, "checkpoint": str(result.checkpoint),
         "steps": result.steps, "examples": result.examples, "final_loss": result.final_loss,
-        "seconds": result.seconds}])
+        "seconds": result.seconds, "kd_examples": result.kd_examples, "evidence_used": result.evidence_used,
+        "evidence_unused": result.evidence_unused}])
     return result
 
 
