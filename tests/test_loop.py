@@ -163,5 +163,7 @@ def test_every_objective_runs_through_the_loop(tmp_path, objective):
         rationales = store.query("SELECT count(*), count(rationale) FROM rationales")[0]
     finally:
         store.close_sync()
+    if objective in ("posterior_kd", "proxy_kd"):  # the proxy stage trained the run's proxy and kept it
+        assert (tmp_path / "runs" / "loop" / "proxy" / "1" / "agentkd_proxy.json").exists()
     if objective == "rationale":  # the explainer labelled every answered row, with reasons for about XR
         assert rationales[0] == 40 and 0 < rationales[1] < 40

@@ -66,6 +66,14 @@ def proxy_for(student, seed=1):
     return build_student(load_spec(STUDENTS / "tiny-proxy.toml"), tokenizer=student.tokenizer, seed=seed)
 
 
+def trained_proxy_for(student, exs, cfg):
+    from agentkd.proxy import train_proxy
+
+    proxy = proxy_for(student)
+    train_proxy(proxy, exs, cfg, seed=0)
+    return proxy
+
+
 FAST = dict(lr=3e-3, warmup_steps=0, batch_size=8, max_len=96, log_every=1, proxy_epochs=1.0, align_rounds=1, max_new_tokens=8)
 
 
@@ -74,9 +82,10 @@ def test_each_objective_lowers_its_loss_and_changes_weights(objective, tmp_path)
     exs = examples(24) if objective != "proxy_kd" else examples(60)
     student = tiny(exs)
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
-    proxy = proxy_for(student) if objective == "proxy_kd" else None
     losses: list[float] = []
-    cfg = TrainSection(objective=objective, epochs=8, **FAST)
+    kd = objective in ("posterior_kd", "proxy_kd")
+    cfg = TrainSection(objective=objective, epochs=8, proxy_spec="students/tiny-proxy.toml" if kd else None, **FAST)
+    proxy = trained_proxy_for(student, exs, cfg) if kd else None
     result = train(
         student, exs, cfg, out_dir=tmp_path / "ck", proxy=proxy, progress=False,
         log_metric=lambda name, value, step: losses.append(value) if name == "train/loss" else None,
@@ -117,7 +126,8 @@ def test_training_continues_from_the_given_weights(tmp_path):
 def test_proxy_kd_without_a_proxy_is_a_config_error(tmp_path):
     exs = examples(8)
     with pytest.raises(ConfigError, match="proxy"):
-        train(tiny(exs), exs, TrainSection(objective="proxy_kd", **FAST), out_dir=tmp_path, progress=False)
+        cfg = TrainSection(objective="proxy_kd", proxy_spec="students/tiny-proxy.toml", **FAST)
+        train(tiny(exs), exs, cfg, out_dir=tmp_path, progress=False)
 
 
 def test_proxy_with_another_vocabulary_is_rejected(tmp_path):
@@ -125,7 +135,8 @@ def test_proxy_with_another_vocabulary_is_rejected(tmp_path):
     student = tiny(exs)
     other = build_student(load_spec(STUDENTS / "tiny.toml"))  # byte tokenizer: another vocabulary
     with pytest.raises(ConfigError, match="tokenizer"):
-        train(student, exs, TrainSection(objective="posterior_kd", **FAST), out_dir=tmp_path, proxy=other, progress=False)
+        cfg = TrainSection(objective="posterior_kd", proxy_spec="students/tiny-proxy.toml", **FAST)
+        train(student, exs, cfg, out_dir=tmp_path, proxy=other, progress=False)
 
 
 def test_posterior_targets_are_sparse_distributions_over_response_tokens():
