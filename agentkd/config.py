@@ -182,7 +182,11 @@ class TrainSection(Section):
     dirichlet_alpha: float = Field(1.0, ge=0)
     dirichlet_beta: float = Field(1.0, ge=0)
     logprob_gamma: float = Field(1.0, ge=0)
-    top_k: int = Field(16, gt=0, description="Sparse target width per position.")
+    top_k: int = Field(16, gt=0, description="posterior_kd: the proxy q's top ids in each position's support.")
+    prior_top_k: int = Field(8, gt=0, description="posterior_kd: the n-gram prior's top ids in each position's support.")
+    target_chunk_logits: int = Field(
+        2**24, gt=0, description="Most logits (positions x V) held at once while building KD targets: bounds memory."
+    )
     posterior_q: Literal["proxy", "self"] = Field(
         "proxy",
         description="posterior_kd evidence q: the run's trained proxy (the method), or \"self\": the student "

@@ -31,6 +31,7 @@ from agentkd.config import ConfigError, TrainSection
 from agentkd.decode import generate_answers  # noqa: F401  (re-exported: the loop and tests decode from here)
 from agentkd.optimise import LogMetric, StepLoss, forward, optimise, pad_id_of
 from agentkd.optimise import sft_step as _sft_step
+from agentkd.posterior import fit_prior, posterior_targets
 from agentkd.proxy import check_same_tokenizer, example_role, frozen_copy, proxy_targets
 from agentkd.students import Student, save_checkpoint
 from agentkd.train_data import EncodedRow, TrainingExample, collate, collate_targets, encode_pair, format_prompt
@@ -92,14 +93,15 @@ def train(
         kd = _kd_role(examples, cfg)  # self-distillation has no proxy roles: every row
         corpus = list(teacher_corpus) if teacher_corpus is not None else [e.response for e in examples]
         picked = [i for i in range(len(examples)) if kd[i] or cfg.posterior_q == "self"]
-        computed = posterior_targets(q.model, tok, [examples[i] for i in picked], [encoded[i] for i in picked],
-                                     corpus, cfg, accelerator.device)
+        prior = fit_prior(tok, corpus, cfg, q.model.config.vocab_size)
+        computed, counts = posterior_targets(q.model, tok, [examples[i] for i in picked], [encoded[i] for i in picked],
+                                             prior, cfg, accelerator.device)
         targets: list[obj.SparseTargets | None] = [None] * len(examples)
         for i, t in zip(picked, computed, strict=True):
             targets[i] = t
         rows = list(zip(encoded, targets, strict=True))
         step_loss = _posterior_step(cfg.kd_lambda)
-        extra["kd_examples"] = len(picked)
+        extra |= {"kd_examples": len(picked), "evidence_used": counts.used, "evidence_unused": counts.unused}
 
     elif cfg.objective == "proxy_kd":
         q = _trained_proxy(proxy, student, cfg.objective)
@@ -204,77 +206,3 @@ def _proxy_kd_step(kd_lambda: float) -> StepLoss:
         return loss, int(batch["attention_mask"].sum())
 
     return step
-
-
-# ---------------------------------------------------------------- posterior KD targets (v1)
-
-
-@torch.no_grad()
-def posterior_targets(
-    q_model: Any,
-    tokenizer: Any,
-    examples: Sequence[TrainingExample],
-    encoded: Sequence[EncodedRow],
-    corpus: Sequence[str],
-    cfg: TrainSection,
-    device: torch.device,
-    *,
-    batch_size: int = 32,
-) -> list[obj.SparseTargets]:
-    """Per example and response position: p_post from the n-gram prior, the proxy q and (where the
-    tokenizers match) the teacher's top-k logprobs; kept sparse (cfg.top_k ids + tail). Computed once."""
-    vocab = q_model.config.vocab_size
-    eos = [tokenizer.eos_token_id]
-    ngram = obj.NGramModel.fit(
-        (tokenizer(t, add_special_tokens=False).input_ids + eos for t in corpus),
-        n=cfg.ngram_n, vocab_size=vocab, add_k=cfg.ngram_add_k,
-    )
-    q_model.to(device).eval()
-    out: list[obj.SparseTargets] = []
-    for lo in range(0, len(encoded), batch_size):
-        chunk = list(encoded[lo : lo + batch_size])
-        batch = collate(chunk, pad_id_of(q_model))
-        q_all = torch.softmax(forward(q_model, batch).float(), dim=-1).cpu()  # (B, T, V)
-        for i, row in enumerate(chunk):
-            ys = row.labels[row.start :]  # response tokens + eos (as truncated)
-            q = q_all[i, row.start - 1 : row.start - 1 + len(ys)]  # (T_r, V): logits at t-1 predict t
-            p0 = obj.prior(ngram, ys, cfg.prior_eps)  # (T_r, V)
-            post = obj.posterior(p0, q, alpha=cfg.dirichlet_alpha, beta=cfg.dirichlet_beta)
-            evidence = teacher_evidence(tokenizer, examples[lo + i], ys)
-            if evidence is not None and cfg.logprob_gamma > 0:
-                ids, logprobs = evidence
-                n = ids.size(0)  # the eos position has no provider evidence
-                p_e = obj.evidence_from_top_logprobs(ids, logprobs, q[:n])
-                post[:n] = obj.posterior(
-                    p0[:n], q[:n], alpha=cfg.dirichlet_alpha, beta=cfg.dirichlet_beta,
-                    evidence=p_e, gamma=cfg.logprob_gamma,
-                )
-            out.append(obj.sparsify(post, cfg.top_k))
-    return out
-
-
-def teacher_evidence(tokenizer: Any, example: TrainingExample, ys: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The provider's top-k logprobs as (ids (T, k), logprobs (T, k)) in the student's ids, or None when
-    the tokenizers do not match: agentkd's test is one provider position per student response token and
-    every listed token string one student token (distinct within a position)."""
-    top = example.teacher_top_logprobs
-    if not top or len(top) != len(ys) - 1:  # ys ends with eos
-        return None
-    k = min(len(position) for position in top)
-    if k == 0:
-        return None
-    ids, logprobs = [], []
-    for position in top:
-        row = []
-        for token, _ in position[:k]:
-            enc = tokenizer(token, add_special_tokens=False).input_ids
-            if len(enc) != 1:
-                return None
-            row.append(enc[0])
-        if len(set(row)) != k:
-            return None
-        ids.append(row)
-        logprobs.append([lp for _, lp in position[:k]])
-    return torch.tensor(ids), torch.tensor(logprobs, dtype=torch.float32)
-
-

@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from agentkd.config import ConfigError, LoraSection, TrainSection  # noqa: E402
 from agentkd.students import build_student, load_checkpoint, load_spec  # noqa: E402
-from agentkd.train import generate_answers, posterior_targets, teacher_evidence, train  # noqa: E402
+from agentkd.posterior import fit_prior, posterior_targets  # noqa: E402
+from agentkd.train import generate_answers, train  # noqa: E402
 from agentkd.train_data import TrainingExample, encode_pair, format_prompt  # noqa: E402
 
 STUDENTS = Path(__file__).resolve().parent.parent / "students"
@@ -142,32 +143,19 @@ def test_proxy_with_another_vocabulary_is_rejected(tmp_path):
 def test_posterior_targets_are_sparse_distributions_over_response_tokens():
     exs = examples(6)
     student = tiny(exs)
-    cfg = TrainSection(objective="posterior_kd", top_k=5)
-    tok = student.tokenizer
+    cfg = TrainSection(top_k=5, prior_top_k=3)
+    tok, q = student.tokenizer, proxy_for(student).model
     rows = [encode_pair(tok, format_prompt(e.instruction), e.response, 128) for e in exs]
-    targets = posterior_targets(proxy_for(student).model, tok, exs, rows, [e.response for e in exs], cfg, torch.device("cpu"))
+    prior = fit_prior(tok, [e.response for e in exs], cfg, q.config.vocab_size)
+    targets, counts = posterior_targets(q, tok, exs, rows, prior, cfg, torch.device("cpu"))
+    assert (counts.used, counts.unused) == (0, 0)  # no provider logprobs offered
     for row, tgt in zip(rows, targets):
         n = len(row.input_ids) - row.start
-        assert tgt.ids.shape == (n, 5) and tgt.tail.shape == (n,)
+        assert tgt.ids.shape == (n, 1 + 5 + 3) and tgt.tail.shape == (n,)
         torch.testing.assert_close(tgt.probs.sum(-1) + tgt.tail, torch.ones(n), atol=1e-5, rtol=0)
         # the observed teacher token carries at least (1 - eps) * alpha / (alpha + beta) of the mass
         assert tgt.ids[:, 0].tolist() == row.labels[row.start :]
         assert (tgt.probs[:, 0] >= 0.45 - 1e-6).all()
-
-
-def test_teacher_logprobs_enter_only_when_tokenizers_match():
-    exs = examples(4)
-    student = tiny(exs)
-    tok = student.tokenizer
-    ys = tok(exs[0].response, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    pieces = [tok.decode([y]) for y in ys[:-1]]
-    matching = TrainingExample("q", exs[0].response, teacher_top_logprobs=[[(p, -0.1), ("7", -3.0)] if p != "7" else [(p, -0.1), ("8", -3.0)] for p in pieces])
-    ids, logprobs = teacher_evidence(tok, matching, ys)
-    assert ids[:, 0].tolist() == ys[:-1] and logprobs.shape == (len(ys) - 1, 2)
-    too_short = TrainingExample("q", exs[0].response, teacher_top_logprobs=[[(p, -0.1)] for p in pieces[:-1]])
-    assert teacher_evidence(tok, too_short, ys) is None
-    multi_token = TrainingExample("q", exs[0].response, teacher_top_logprobs=[[("zzqx answer", -0.1)] for _ in pieces])
-    assert teacher_evidence(tok, multi_token, ys) is None
 
 
 def test_generation_is_batched_left_padded_and_bounded():
