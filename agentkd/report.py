@@ -59,6 +59,7 @@ class RunData:
     train_runs: list[dict[str, Any]]
     pools: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    proxy_stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def iterations(self) -> list[int]:
@@ -108,10 +109,14 @@ def _read(store: Store, run_dir: Path, config: dict[str, Any] | None) -> RunData
     train_runs = store.query_dicts(
         "SELECT iteration, objective, checkpoint, steps, examples, final_loss, seconds FROM train_runs "
         "ORDER BY iteration, created_at")
+    has_proxy = store.query("SELECT count(*) FROM information_schema.tables WHERE table_name = 'proxy_stages'")[0][0]
+    proxy_stages = store.query_dicts(  # files from before the proxy had a table of its own have none
+        "SELECT iteration, stage, steps, examples, loss, seconds, proxy_logp, student_logp FROM proxy_stages "
+        "ORDER BY created_at") if has_proxy else []
     name = (config or {}).get("run", {}).get("name") or run_dir.resolve().name
     return RunData(name=name, config=config, metrics=metrics, calls=store.query_dicts(_CALLS_SQL),
                    statuses=statuses, train_runs=train_runs,
-                   pools={p or "?": n for p, n in store.query(_POOLS_SQL)})
+                   pools={p or "?": n for p, n in store.query(_POOLS_SQL)}, proxy_stages=proxy_stages)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -304,7 +309,8 @@ def render_markdown(run: RunData, drawn: dict[str, Path]) -> str:
         out += [("Iteration 0 is the student before any training. Accuracy is on the held-out set; the "
                  "capability ratio is the sum of referee scores for the student over the teacher's."), ""]
 
-    out += _spend_section(run) + _train_section(run) + _plots_section(run, drawn) + _notes_section(run)
+    out += _spend_section(run) + _train_section(run) + _proxy_section(run) + _plots_section(run, drawn)
+    out += _notes_section(run)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -333,6 +339,17 @@ def _train_section(run: RunData) -> list[str]:
              _num(t["steps"]), _num(t["examples"]), _num(t["final_loss"], 4), _num(t["seconds"], 1)]
             for t in run.train_runs]
     return out + _table(["iter", "objective", "checkpoint", "steps", "examples", "final loss", "seconds"], rows) + [""]
+
+
+def _proxy_section(run: RunData) -> list[str]:
+    """The proxy's stages (posterior/proxy KD): its held-out log p per token should rise above the student's."""
+    if not run.proxy_stages:
+        return []
+    rows = [[str(p["iteration"]), p["stage"], _num(p["steps"]), _num(p["examples"]), _num(p["loss"], 4),
+             _num(p["seconds"], 1), _num(p["proxy_logp"]), _num(p["student_logp"])] for p in run.proxy_stages]
+    header = ["iter", "stage", "steps", "examples", "loss", "seconds", "proxy log p / token", "student log p / token"]
+    return ["## The proxy", ""] + _table(header, rows) + [
+        "", "Log p per token of held-out teacher answers (the KD role, which the proxy never trains on).", ""]
 
 
 def _plots_section(run: RunData, drawn: dict[str, Path]) -> list[str]:
