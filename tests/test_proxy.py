@@ -253,3 +253,26 @@ def test_proxy_stage_on_2000_sim_answers_predicts_held_out_teacher_answers_far_b
     kd = split_by_role(exs, cfg.proxy_split)["kd"]
     assert 0 < len(kd) and stages[-1].examples == len(split_by_role(exs, cfg.proxy_split)["align"])
     del untrained
+
+
+def test_proxy_targets_are_top_k_of_the_proxy_with_exact_tail_and_zscore_weights():
+    exs = sim_examples(10)
+    student = student_for(exs)
+    proxy = proxy_for(student)
+    tok = student.tokenizer
+    from agentkd.proxy import proxy_targets
+    from agentkd.train_data import collate, encode_pair
+
+    cfg = TrainSection(objective="proxy_kd", proxy_spec="x", proxy_top_k=4, **FAST)
+    rows = [encode_pair(tok, format_prompt(e.instruction), e.response, 96) for e in exs]
+    targets, weights = proxy_targets(proxy.model, rows, cfg, torch.device("cpu"), pad_id=tok.pad_token_id, batch_size=3)
+    with torch.no_grad():
+        batch = collate(rows[:1], tok.pad_token_id)
+        dense = torch.softmax(proxy.model(input_ids=batch["input_ids"]).logits[0].float(), -1)  # (T, V)
+    row, tgt = rows[0], targets[0]
+    n = len(row.input_ids) - row.start
+    expected = dense[row.start - 1 : row.start - 1 + n].topk(4, dim=-1)
+    torch.testing.assert_close(tgt.probs, expected.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tgt.probs.sum(-1) + tgt.tail, torch.ones(n), atol=1e-5, rtol=0)
+    assert weights.shape == (len(exs),) and ((weights > 0) & (weights < 1)).all()
+    assert abs(float(torch.logit(weights).mean())) < 1e-4  # sigmoid of z-scores: centred at 0.5
