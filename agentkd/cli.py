@@ -20,6 +20,7 @@ from agentkd.teachers.base import AuthError, QuotaExceeded
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 ROLES = ("answerer", "explainer", "referee", "generator")
+GENERATOR_MODES = ("hard", "easy", "plain")  # Lion's two prompts, and the random-expansion baseline's
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,13 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--output", type=Path, required=True)
     teach.add_argument("--rationale-rate", type=float, default=None,
                        help="explainer: share of rows asked for a rationale (default loop.rationale_rate)")
-    teach.add_argument("--mode", choices=("hard", "easy"), default="hard", help="generator prompt")
+    teach.add_argument("--mode", choices=GENERATOR_MODES, default="hard", help="generator prompt")
     teach.add_argument("--no-progress", action="store_true")
 
     estimate = config_command("estimate", "dry run: calls, tokens and USD; nothing is sent")
     estimate.add_argument("--role", choices=ROLES, default="answerer")
     estimate.add_argument("--input", type=Path, help="JSONL to estimate `teach` over")
     estimate.add_argument("--rationale-rate", type=float, default=None)
+    estimate.add_argument("--mode", choices=GENERATOR_MODES, default="hard", help="generator prompt")
 
     train = config_command("train", "train the student from what the run stored")
     train.add_argument("--objective", choices=("sft", "rationale", "posterior_kd", "proxy_kd"))
@@ -131,7 +133,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from agentkd.estimate import estimate
 
         rate = args.rationale_rate if args.rationale_rate is not None else config.loop.rationale_rate
-        print(estimate(config, role=args.role, input_path=args.input, rationale_rate=rate))
+        print(estimate(config, role=args.role, input_path=args.input, rationale_rate=rate, mode=args.mode))
         return EXIT_OK
     if args.command == "train":
         from agentkd.training_run import train_command

@@ -225,6 +225,10 @@ class TrainSection(Section):
 
 class LoopSection(Section):
     iterations: int = Field(3, ge=1)
+    selection: Literal["lion", "random"] = Field(
+        "lion", description="Generator seeds: Lion's judged hard/easy ones, or drawn uniformly from the Cache "
+        "Pool with a plain prompt and no referee (the random-expansion baseline)."
+    )
     seeds: str | None = Field(None, description="JSONL of seed instructions (field 'instruction').")
     seed_count: int = Field(200, gt=0, description="Seeds drawn from the sim's world if seeds is None.")
     heldout: str | None = Field(None, description="JSONL held-out set; None: drawn from the sim world.")
@@ -248,6 +252,13 @@ class LoopSection(Section):
     targeted_generation: bool = Field(
         False, description="Show the hard generator the student's failure (beyond the paper)."
     )
+
+    @model_validator(mode="after")
+    def _targeted_needs_lion(self) -> LoopSection:
+        if self.targeted_generation and self.selection == "random":
+            raise ValueError("loop.targeted_generation needs loop.selection = \"lion\" (random selection judges "
+                             "nothing, so there is no failure to show)")
+        return self
 
 
 class RunConfig(Section):

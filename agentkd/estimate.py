@@ -15,12 +15,13 @@ from agentkd.datasets import read_jsonl
 from agentkd.roles.requests import RolePrompts
 from agentkd.store import Store
 from agentkd.roles.calls import rationale_selected
-from agentkd.teach import REQUIRED_FIELDS
+from agentkd.teach import REQUIRED_FIELDS, generator_prompt
 from agentkd.teachers.base import TeacherRequest
 from agentkd.tokens import estimate_prompt
 
 
-def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: float) -> list[TeacherRequest]:
+def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: float,
+                 mode: str = "hard") -> list[TeacherRequest]:
     text = row["instruction"]
     if role == "answerer":
         return [prompts.answer(text)]
@@ -32,10 +33,11 @@ def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: flo
     if role == "referee":  # both orders; a re-ask after an unparseable judgment is not counted
         return [prompts.judge(text, row["teacher_answer"], row["student_answer"]),
                 prompts.judge(text, row["student_answer"], row["teacher_answer"])]
-    return [prompts.generate(text, hard=(row.get("mode") or "hard") != "easy")]
+    return [prompts.generate(text, prompt=generator_prompt(row, mode))]
 
 
-def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale_rate: float) -> str:
+def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale_rate: float,
+             mode: str = "hard") -> str:
     if input_path is None:
         return _loop_estimate(config)
     prompts = RolePrompts(config)
@@ -45,7 +47,7 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
     usd_low = usd_high = 0.0
     estimators = set()
     for row in rows:
-        for request in requests_for(prompts, role, row, rationale_rate):
+        for request in requests_for(prompts, role, row, rationale_rate, mode):
             if request.key in stored:
                 cached += 1
                 continue

@@ -6,8 +6,9 @@
       proxy       (posterior_kd, proxy_kd) the run's proxy trains further on A(t): proxy/<t>/
       train       the student is fine-tuned on A(t), continuing from iteration t-1's weights
       judge       student and teacher answer a budgeted sample of B(t); the referee scores both, in
-                  both orders -> hard / easy / unscored
-      generate    new instructions from hard and easy seeds, filtered and de-duplicated
+                  both orders -> hard / easy / unscored (skipped by the loop.selection = "random" baseline)
+      generate    new instructions from hard and easy seeds (random: from seeds drawn uniformly from
+                  B(t)), filtered and de-duplicated
                   -> A(t+1) := the accepted ones; B(t+1) := B(t) + them
       eval        held-out accuracy and the referee-judged capability ratio; metrics for the report
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 from rich.console import Console
 
@@ -28,6 +30,7 @@ from agentkd.budget import BudgetExhausted
 from agentkd.config import RunConfig
 from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.roles import calls
+from agentkd.selection import Draw, generator_draws, judge_metrics
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.students import Student
 from agentkd.train import generate_answers
@@ -164,15 +167,22 @@ class Lion:
                            f"{result.seconds:.0f} s, final loss {result.final_loss:.3f}")
 
     async def judge(self, t: int) -> None:
-        """Discrimination: referee scores teacher vs student on a budgeted sample of B(t), both orders."""
+        """Discrimination: referee scores teacher vs student on a budgeted sample of B(t), both orders.
+
+        Random selection (the plain-expansion baseline) skips this stage: its generator uses no labels,
+        so it buys no referee call outside eval and its spend is the baseline's own.
+        """
+        if self.loop.selection == "random":
+            self.console.print(f"iteration {t}: random selection: nothing judged (no referee calls outside eval)")
+            return
         sample = self._judge_sample(t)
         teacher = pools.responses(self.store, "teacher")
         sample = [i for i in sample if i.id in teacher]
-        student_answers = await self._student_answers(sample, t, temperature=self.config.train.student_temperature)
+        student = await self._student_answers(sample, t, temperature=self.config.train.student_temperature)
 
         async def handle(item: pools.Item) -> None:
             pair = await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher[item.id],
-                                     student_answers[item.id], tau=self.loop.tau)
+                                     student.judged[item.id], tau=self.loop.tau)
             judgments = [
                 {"instruction_id": item.id, "iteration": t, "order": order, "teacher_score": ts,
                  "student_score": ss, "parsed_ok": j.ok, "reason": j.reason, "call_key": key}
@@ -188,49 +198,33 @@ class Lion:
                                                 "order_disagreement": v.order_disagreement})
 
         await self._each(sample, handle, f"judge B({t})")
-        labels = pools.verdict_labels(self.store, t)
-        scored = [lbl for lbl in labels.values() if lbl != "unscored"]
         disagreements = self.store.query("SELECT avg(CAST(order_disagreement AS DOUBLE)) FROM verdicts "
                                          "WHERE iteration = ? AND label != 'unscored'", [t])[0][0]
-        children = [i for i in sample if i.source == "hard" and i.iteration == t and i.id in labels]
-        metrics = {
-            "judged": len(labels),
-            "hard_share": sum(lbl == "hard" for lbl in scored) / len(scored) if scored else None,
-            "unscored_share": sum(lbl == "unscored" for lbl in labels.values()) / len(labels) if labels else None,
-            "order_disagreement_rate": disagreements,
-            # Lion's point: do children of hard seeds stay hard for the student?
-            "hard_yield": (sum(labels[i.id] == "hard" for i in children) / len(children)) if children else None,
-        }
-        await self._metrics(t, metrics)
+        await self._metrics(t, judge_metrics(pools.verdict_labels(self.store, t), sample, t, disagreements))
 
     async def generate(self, t: int) -> None:
-        """New instructions: hard seeds -> same kind and difficulty; easy seeds -> rarer (Lion, 1:1)."""
-        labels = pools.verdict_labels(self.store, t)
-        by_id = {i.id: i for i in pools.cache_pool(self.store, t)}
-        # Sorted, so the same seeds are drawn (and the same requests re-served free) on resume.
-        hard = [by_id[i] for i, lbl in sorted(labels.items()) if lbl == "hard" and i in by_id]
-        easy = [by_id[i] for i, lbl in sorted(labels.items()) if lbl == "easy" and i in by_id]
-        rng = random.Random(self.config.run.seed * 1000 + t)
-        n_hard = round(self.loop.new_per_iteration * self.loop.hard_fraction)
-        draws = _draw(rng, hard or easy, n_hard, True) + _draw(rng, easy or hard, self.loop.new_per_iteration - n_hard, False)
+        """New instructions for A(t+1) from seeds of B(t) (agentkd/selection.py: Lion's hard/easy, or the
+        random baseline), filtered and de-duplicated against every pool instruction."""
+        pool = pools.cache_pool(self.store, t)
+        labels = pools.verdict_labels(self.store, t) if self.loop.selection == "lion" else {}
+        draws = generator_draws(self.loop, pool, labels, random.Random(self.config.run.seed * 1000 + t))
         failures = self._failures(t) if self.loop.targeted_generation else {}
 
-        async def handle(draw: tuple[int, pools.Item, bool]):
-            j, seed, is_hard = draw
-            failed_answer, comparison = failures.get(seed.id, (None, None)) if is_hard else (None, None)
-            return await calls.generate(self.s.gateway, self.s.prompts, seed.text, hard=is_hard,
+        async def handle(draw: Draw):
+            failed_answer, comparison = failures.get(draw.seed.id, (None, None)) if draw.prompt == "hard" else (None, None)
+            return await calls.generate(self.s.gateway, self.s.prompts, draw.seed.text, prompt=draw.prompt,
                                         failed_answer=failed_answer, referee_comparison=comparison,
-                                        sample=t * 100_000 + j)
+                                        sample=t * 100_000 + draw.number)
 
         outcome = await self._each(draws, handle, f"generate for A({t + 1})")
         index = InstructionIndex(threshold=self.loop.rouge_max, texts=pools.all_texts(self.store))
         rows, accepted = [], 0
         for position in sorted(outcome.results):  # draw order: deterministic acceptance on resume
-            j, seed, is_hard = draws[position]
+            draw = draws[position]
             generated, _ = outcome.results[position]
-            row = {"source": "hard" if is_hard else "easy", "parent_id": seed.id, "iteration": t + 1}
+            row = {"source": draw.source, "parent_id": draw.seed.id, "iteration": t + 1}
             if not generated.ok:
-                rows.append({**row, "id": instruction_id(str(generated.instruction or f"{seed.id}:{j}")),
+                rows.append({**row, "id": instruction_id(str(generated.instruction or f"{draw.seed.id}:{draw.number}")),
                              "text": generated.instruction or "", "pool": "rejected",
                              "rejected_reason": generated.reason})
                 continue
@@ -242,20 +236,20 @@ class Lion:
                          "rejected_reason": None if is_new else f"near-duplicate (ROUGE-L {score:.2f})"})
         await self.store.write_many("instructions", rows)
         await self._metrics(t, {"generated": len(draws), "accepted": accepted,
-                                "pool/train": accepted, "pool/cache": len(by_id) + accepted})
+                                "pool/train": accepted, "pool/cache": len(pool) + accepted})
 
     async def evaluate(self, t: int) -> None:
         """Held-out task accuracy, and the referee-judged capability ratio (Lion's metric)."""
         from agentkd.evaluate import accuracy
 
         items = pools.heldout(self.store)
-        answers = await self._student_answers(items, t, temperature=0.0)
-        metrics: dict[str, float | None] = {"accuracy": accuracy(items, answers, self.config.task.kind)}
+        student = await self._student_answers(items, t, temperature=0.0)
+        metrics: dict[str, float | None] = {"accuracy": accuracy(items, student.labels, self.config.task.kind)}
         judged = items[: self.loop.eval_judge_sample]
 
         async def handle(item: pools.Item):
             teacher = await calls.answer(self.s.gateway, self.s.prompts, item.text, tag="eval")
-            return await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher.text, answers[item.id],
+            return await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher.text, student.judged[item.id],
                                      tau=self.loop.tau, tag="eval")
 
         if judged:
@@ -279,22 +273,41 @@ class Lion:
             self.student, _ = load_student(self.config, self.store)
         return self.student
 
-    async def _student_answers(self, items: Sequence[pools.Item], t: int, *, temperature: float) -> dict[str, str]:
-        """The student's answers for iteration t: reused from the store when a resumed stage made them."""
-        stored = pools.responses(self.store, "student", t)
-        missing = [i for i in items if i.id not in stored]
+    async def _student_answers(self, items: Sequence[pools.Item], t: int, *, temperature: float) -> StudentAnswers:
+        """The student's answers for iteration t: reused from the store when a resumed stage made them.
+
+        A rationale-trained student answers through its label task ("predict: "), as at inference: that
+        bare label is what held-out accuracy checks. The referee compares it with the teacher's worked
+        answer, so like is judged with like: the label with the student's own explanation ("explain: ")
+        in front, "<explanation> The answer is <label>." Stored as actor "student" (what the referee
+        saw) and "student_label" (the label alone); other objectives answer once, stored as "student".
+        """
+        rationale = self.config.train.objective == "rationale"
+        judged = pools.responses(self.store, "student", t)
+        labels = pools.responses(self.store, "student_label", t) if rationale else judged
+        missing = [i for i in items if i.id not in judged or i.id not in labels]
         if missing:
-            student = self._student()
-            # A rationale-trained student answers through its label task ("predict: "), as at inference.
-            task = "predict" if self.config.train.objective == "rationale" else "answer"
-            texts = await asyncio.to_thread(generate_answers, student, [i.text for i in missing],
-                                            max_new_tokens=self.config.train.max_new_tokens,
-                                            temperature=temperature, seed=self.config.run.seed + t, task=task)
+            texts = [i.text for i in missing]
+            if rationale:
+                label_texts = await self._decode(texts, t, temperature, "predict")
+                explanations = await self._decode(texts, t, temperature, "explain")
+                judged_texts = [labelled_explanation(e, lbl) for e, lbl in zip(explanations, label_texts, strict=True)]
+            else:
+                judged_texts = label_texts = await self._decode(texts, t, temperature, "answer")
             rows = [{"instruction_id": i.id, "actor": "student", "iteration": t, "text": text,
-                     "checkpoint": str(t)} for i, text in zip(missing, texts, strict=True)]
+                     "checkpoint": str(t)} for i, text in zip(missing, judged_texts, strict=True)]
+            if rationale:
+                rows += [{"instruction_id": i.id, "actor": "student_label", "iteration": t, "text": text,
+                          "checkpoint": str(t)} for i, text in zip(missing, label_texts, strict=True)]
             await self.store.write_many("responses", rows)
-            stored.update({r["instruction_id"]: r["text"] for r in rows})
-        return stored
+            judged.update({i.id: text for i, text in zip(missing, judged_texts, strict=True)})
+            labels.update({i.id: text for i, text in zip(missing, label_texts, strict=True)})
+        return StudentAnswers(judged=judged, labels=labels)
+
+    async def _decode(self, texts: list[str], t: int, temperature: float, task: str) -> list[str]:
+        return await asyncio.to_thread(generate_answers, self._student(), texts,
+                                       max_new_tokens=self.config.train.max_new_tokens,
+                                       temperature=temperature, seed=self.config.run.seed + t, task=task)
 
     def _judge_sample(self, t: int) -> list[pools.Item]:
         """Budgeted sample of B(t): new items first, then previously hard ones, then the rest at random."""
@@ -329,11 +342,12 @@ class Lion:
             metrics[f"usd_cumulative/{role}"] = usd
             metrics[f"usd/{role}"] = usd - (before or 0.0)
         spent = sum(v for k, v in metrics.items() if k.startswith("usd/"))
+        # hard_share is over scored verdicts, so hard instructions found = hard_share * scored (not * judged).
         hard = pools.metric(self.store, t, "hard_share")
-        judged = pools.metric(self.store, t, "judged")
+        scored = pools.metric(self.store, t, "scored")
         accepted = pools.metric(self.store, t, "accepted")
-        if hard and judged:
-            metrics["usd_per_hard"] = spent / (hard * judged)
+        if hard and scored:
+            metrics["usd_per_hard"] = spent / (hard * scored)
         if accepted:
             metrics["usd_per_accepted"] = spent / accepted
         return metrics
@@ -352,11 +366,16 @@ class Lion:
                 f"${spent:.4f} spent{cap}; report: {self.config.run_dir / 'report.md'}")
 
 
-def _draw(rng: random.Random, seeds: list[pools.Item], n: int, hard: bool) -> list[tuple[int, pools.Item, bool]]:
-    """n seeds drawn with replacement (Lion), each draw numbered so its request is distinct."""
-    if not seeds or n <= 0:
-        return []
-    return [(j if hard else 50_000 + j, rng.choice(seeds), hard) for j in range(n)]
+class StudentAnswers(NamedTuple):
+    judged: dict[str, str]  # instruction id -> what the referee is shown
+    labels: dict[str, str]  # instruction id -> what held-out accuracy checks (the same text but for rationale)
+
+
+def labelled_explanation(explanation: str, label: str) -> str:
+    """A rationale student's judged answer: its explanation, then its label the way worked answers end."""
+    answer = f"The answer is {label.strip().rstrip('.')}."
+    reason = explanation.strip()
+    return f"{reason} {answer}" if reason else answer
 
 
 def _pct(value: float | None) -> str:

@@ -16,12 +16,15 @@ SAMPLE_TEXT = "Ann has 12 apples. Ann gets 7 more apples. How many apples does A
 
 
 def calls_per_iteration(config: RunConfig, iteration: int) -> dict[str, int]:
+    """Calls per role in one iteration, at most. Random selection judges nothing: no referee calls
+    outside eval (eval's answerer + two referee orders per judged held-out item are booked as "eval")."""
     loop = config.loop
     train_pool = loop.seed_count if iteration == 1 else loop.new_per_iteration  # at most: not all are accepted
     cache_pool = loop.seed_count + (iteration - 1) * loop.new_per_iteration
     judged = cache_pool if loop.judge_sample == "all" else min(loop.judge_sample, cache_pool)
-    calls = {"answerer": train_pool, "referee": 2 * judged, "generator": loop.new_per_iteration,
-             "eval": 3 * loop.eval_judge_sample}
+    calls = {"answerer": train_pool, "generator": loop.new_per_iteration, "eval": 3 * loop.eval_judge_sample}
+    if loop.selection == "lion":
+        calls["referee"] = 2 * judged
     if config.train.objective == "rationale":
         calls["explainer"] = train_pool
     return calls
@@ -32,7 +35,8 @@ def _per_call(config: RunConfig, store: Store | None) -> dict[str, tuple[float, 
     prompts = RolePrompts(config)
     rendered = {
         "answerer": prompts.answer(SAMPLE_TEXT), "referee": prompts.judge(SAMPLE_TEXT, "x " * 30, "y " * 30),
-        "generator": prompts.generate(SAMPLE_TEXT, hard=True), "explainer": prompts.explain(SAMPLE_TEXT),
+        "generator": prompts.generate(SAMPLE_TEXT, prompt="hard" if config.loop.selection == "lion" else "plain"),
+        "explainer": prompts.explain(SAMPLE_TEXT),
         "eval": prompts.judge(SAMPLE_TEXT, "x " * 30, "y " * 30),
     }
     stored: dict[str, float] = {}

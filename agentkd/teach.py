@@ -61,6 +61,12 @@ class TeachSummary:
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def generator_prompt(row: dict[str, Any], mode: str) -> str:
+    """The generator prompt for a row: its own "mode" field ("hard" | "easy" | "plain"), else --mode."""
+    chosen = row.get("mode") or mode
+    return chosen if chosen in ("easy", "plain") else "hard"
+
+
 def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[str, Any]], *,
               rationale_rate: float, mode: str, tau: float) -> Handler:
     gateway, prompts = session.gateway, session.prompts
@@ -117,8 +123,7 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
     index = InstructionIndex(threshold=session.config.loop.rouge_max, texts=[r["instruction"] for r in rows])
 
     async def handle(row):
-        hard = (row.get("mode") or mode) != "easy"
-        generated, c = await calls.generate(gateway, prompts, row["instruction"], hard=hard)
+        generated, c = await calls.generate(gateway, prompts, row["instruction"], prompt=generator_prompt(row, mode))
         account(c)
         out: dict[str, Any] = {"new_instruction": generated.instruction, "accepted": False,
                                "reject_reason": generated.reason, "rouge_nearest": None}

@@ -168,6 +168,12 @@ def test_estimate_of_the_whole_loop(capsys):
     assert "generator" in out and "referee" in out and "total" in out
 
 
+def test_estimate_of_the_random_baseline_has_no_referee_line(capsys):
+    assert main(["estimate", str(ROOT / "examples" / "quickstart.toml"), "--set", "loop.selection=random"]) == 0
+    out = capsys.readouterr().out
+    assert "generator" in out and "eval" in out and "referee" not in out
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_cleanly_and_a_rerun_pays_nothing_twice(tmp_path):
     with sim_in_thread(SimSection(latency_ms=50), seed=1) as sim:

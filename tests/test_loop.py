@@ -167,3 +167,30 @@ def test_every_objective_runs_through_the_loop(tmp_path, objective):
         assert (tmp_path / "runs" / "loop" / "proxy" / "1" / "agentkd_proxy.json").exists()
     if objective == "rationale":  # the explainer labelled every answered row, with reasons for about XR
         assert rationales[0] == 40 and 0 < rationales[1] < 40
+
+
+@pytest.mark.slow
+def test_random_selection_runs_the_loop_with_no_referee_outside_eval_and_seeds_from_the_whole_pool(tmp_path):
+    assert main(["run", str(small_config(tmp_path)), "--no-progress", "--set", "loop.selection=random"]) == 0
+    store = open_store(tmp_path)
+    try:
+        roles = dict(store.query("SELECT role, count(*) FROM calls GROUP BY role"))
+        verdicts = store.count("verdicts")
+        children = store.query("SELECT i.iteration, i.source, p.iteration FROM instructions i "
+                               "JOIN (SELECT id, min(iteration) AS iteration FROM instructions GROUP BY id) p "
+                               "ON p.id = i.parent_id WHERE i.parent_id IS NOT NULL")
+        generator_prompts = {r[0] for r in store.query(
+            "SELECT DISTINCT split_part(prompt_version, ':', 1) FROM calls WHERE role = 'generator'")}
+        accuracy = dict(store.query("SELECT iteration, value FROM metrics WHERE name = 'accuracy'"))
+        parents_1 = store.query("SELECT count(DISTINCT parent_id) FROM instructions WHERE iteration = 2 "
+                                "AND parent_id IS NOT NULL")[0][0]
+    finally:
+        store.close_sync()
+    assert "referee" not in roles and verdicts == 0  # the judge stage bought nothing
+    assert roles["eval"] > 0 and roles["generator"] == 2 * 40
+    assert generator_prompts == {"generator_plain"}
+    assert {source for _, source, _ in children} == {"plain"}
+    assert parents_1 > 20  # 40 uniform draws over 60 seeds reach most of them
+    # Iteration 2 draws from all of B(2): seeds and iteration 1's accepted children alike.
+    assert {parent_iteration for it, _, parent_iteration in children if it == 3} == {1, 2}
+    assert set(accuracy) == {0, 1, 2}

@@ -48,8 +48,16 @@ def test_render_gives_system_then_user_with_one_block_per_value(prompt: str) -> 
 def test_rarer_only_in_the_easy_generator_outside_data_blocks() -> None:
     easy = " ".join(m["content"] for m in load_template("generator_easy").render(values_for("generator_easy")))
     hard = " ".join(m["content"] for m in load_template("generator_hard").render(values_for("generator_hard")))
+    plain = " ".join(m["content"] for m in load_template("generator_plain").render(values_for("generator_plain")))
     assert "rarer" in BLOCK.sub("", easy)
-    assert "rarer" not in hard.lower()
+    assert "rarer" not in hard.lower() and "rarer" not in plain.lower()
+
+
+def test_plain_generator_asks_for_the_same_kind_and_shows_no_failure() -> None:
+    template = load_template("generator_plain")
+    assert template.required == {"seed_instruction"} and not template.optional
+    user = template.render({"seed_instruction": "Add 2 and 3."})[1]["content"]
+    assert "same kind" in user and "difficult" in user and "failed_answer" not in user
 
 
 def test_explainer_is_zero_shot_and_asks_for_two_lines() -> None:

@@ -13,7 +13,7 @@ from agentkd.gateway import Completion, Gateway
 from agentkd.roles.explainer import Explanation, parse_explanation, parse_rationale
 from agentkd.roles.generator import Generated, parse_generated
 from agentkd.roles.referee import Judgment, Verdict, combine_orders, parse_judgment
-from agentkd.roles.requests import RolePrompts
+from agentkd.roles.requests import GeneratorPrompt, RolePrompts
 
 
 async def answer(gateway: Gateway, prompts: RolePrompts, instruction: str, *, tag: str | None = None) -> Completion:
@@ -67,11 +67,12 @@ async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, 
     return judgment
 
 
-async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str, *, hard: bool,
+async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str, *, prompt: GeneratorPrompt,
                    failed_answer: str | None = None, referee_comparison: str | None = None,
                    sample: int = 0) -> tuple[Generated, Completion]:
-    """One new instruction from one seed (Lion): hard = same kind and difficulty, easy = rarer."""
-    request = prompts.generate(seed_instruction, hard=hard, failed_answer=failed_answer,
+    """One new instruction from one seed: hard = same kind and difficulty (Lion), easy = rarer (Lion),
+    plain = another of the same kind (the random-expansion baseline)."""
+    request = prompts.generate(seed_instruction, prompt=prompt, failed_answer=failed_answer,
                                referee_comparison=referee_comparison, sample=sample)
     completion = await gateway.complete(request)
     return parse_generated(completion.text, completion.finish_reason), completion

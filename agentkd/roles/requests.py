@@ -8,7 +8,7 @@ edited prompt is never answered from a stale cache.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agentkd.config import ConfigError, RunConfig
 from agentkd.roles.explainer import TaskDefinition, explanation_schema, rationale_schema, task_definition
@@ -23,8 +23,11 @@ ROLE_PROMPTS: dict[str, tuple[str, ...]] = {
     "answerer": ("answerer",),
     "explainer": ("explainer", "labeler", "explainer_given_label"),
     "referee": ("referee",),
-    "generator": ("generator_hard", "generator_easy"),
+    "generator": ("generator_hard", "generator_easy", "generator_plain"),
 }
+# Generator prompts: Lion's two (hard seed -> same kind and difficulty, easy seed -> rarer), and the
+# plain "another of the same kind" prompt of the random-expansion baseline (loop.selection = "random").
+GeneratorPrompt = Literal["hard", "easy", "plain"]
 # Providers whose API takes a JSON schema for the reply (OpenAI; vLLM and Ollama via the same field).
 SCHEMA_PROVIDERS = {"openai", "openai_compatible", "sim"}
 
@@ -78,13 +81,13 @@ class RolePrompts:
         return self._request("referee", "referee", values, schema=("judgment", judgment_schema()), sample=sample,
                              tag=tag)
 
-    def generate(self, seed_instruction: str, *, hard: bool, failed_answer: str | None = None,
+    def generate(self, seed_instruction: str, *, prompt: GeneratorPrompt, failed_answer: str | None = None,
                  referee_comparison: str | None = None, sample: int = 0) -> TeacherRequest:
+        """One generator request; only the hard prompt shows the student's failure (targeted generation)."""
         values: dict[str, str | None] = {"seed_instruction": seed_instruction}
-        if hard:
+        if prompt == "hard":
             values.update(failed_answer=failed_answer, referee_comparison=referee_comparison)
-        prompt = "generator_hard" if hard else "generator_easy"
-        return self._request("generator", prompt, values, schema=("instruction", generated_schema()),
+        return self._request("generator", f"generator_{prompt}", values, schema=("instruction", generated_schema()),
                              sample=sample)
 
 

@@ -24,6 +24,7 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "referee": ("instruction", "answer_a", "answer_b"),
     "generator_hard": ("seed_instruction", "?failed_answer", "?referee_comparison"),
     "generator_easy": ("seed_instruction",),
+    "generator_plain": ("seed_instruction",),
 }
 
 # One alternation, one pass. An optional placeholder alone on its line is matched with its line, so an
