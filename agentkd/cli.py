@@ -156,17 +156,18 @@ def _overrides_only(overrides: list[str]) -> dict:
 
 
 def _print_kshot(config, input_path: Path) -> None:
+    """The zero-shot saving, measured: both shipped explainer prompts rendered over these rows."""
     from agentkd.datasets import read_jsonl
-    from agentkd.roles.requests import RolePrompts
-    from agentkd.teach import kshot_comparison
+    from agentkd.estimate import explainer_prompt_tokens
 
-    prompts = RolePrompts(config)
     rows = read_jsonl(input_path, ("instruction",))
-    zero, few = kshot_comparison(prompts, rows)
+    tokens = explainer_prompt_tokens(config, [r["instruction"] for r in rows])
+    zero, few = tokens["zero_shot"], tokens["six_shot"]
     per_token = config.price(config.role("explainer").model).input_per_mtok / 1e6
     zero_usd, few_usd = zero * len(rows) * per_token, few * len(rows) * per_token
-    print(f"explainer prompt: {zero:.0f} tokens/row zero-shot vs ~{few:.0f} with 6 worked examples: "
-          f"input ${zero_usd:.4f} vs ${few_usd:.4f} for {len(rows)} rows ({1 - zero / few:.0%} saved)")
+    print(f"explainer prompt: {zero:.0f} tokens/row zero-shot vs {few:.0f} with 6 worked examples "
+          f"(prompts/explainer_6shot.md): input ${zero_usd:.4f} vs ${few_usd:.4f} for {len(rows)} rows "
+          f"({1 - zero / few:.0%} saved)")
 
 
 def _run_dir_command(args: argparse.Namespace, console: Console) -> int:

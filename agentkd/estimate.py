@@ -7,12 +7,14 @@ Requests already answered in the run's database cost nothing and are counted apa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from agentkd.budget import Usage, cost_usd
-from agentkd.config import RunConfig
+from agentkd.config import ConfigError, RoleOverride, RunConfig
 from agentkd.datasets import read_jsonl
 from agentkd.roles.requests import RolePrompts
+from agentkd.roles.template import builtin_prompts_dir
 from agentkd.store import Store
 from agentkd.roles.calls import rationale_selected
 from agentkd.teach import REQUIRED_FIELDS, generator_prompt
@@ -70,6 +72,35 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
         verdict = "fits" if usd_high <= config.budget.usd else "may not fit"
         lines.append(f"  budget:               ${config.budget.usd:g}: the worst case {verdict}")
     return "\n".join(lines)
+
+
+EXPLAINER_PROMPT_FILES = {"zero_shot": "explainer.md", "six_shot": "explainer_6shot.md"}
+
+
+def explainer_prompt_tokens(config: RunConfig, instructions: Sequence[str], *, sample: int = 200) -> dict[str, float]:
+    """Mean input tokens per row of the shipped zero-shot explainer prompt (prompts/explainer.md, what
+    2403.15886 sends) and of the same prompt with six worked examples (prompts/explainer_6shot.md).
+
+    Both are rendered by RolePrompts for this config's task and explainer provider and counted by the
+    estimator the gateway reserves with, over the first `sample` instructions; the token saving of
+    zero-shot labelling is their difference, measured, not assumed.
+    """
+    rows = list(instructions)[:sample]
+    if not rows:
+        raise ConfigError("explainer prompt tokens: no instructions to render")
+    tokens = {}
+    for name, file in EXPLAINER_PROMPT_FILES.items():
+        prompts = RolePrompts(_with_explainer_prompt(config, builtin_prompts_dir() / file))
+        requests = [prompts.explain(text) for text in rows]
+        tokens[name] = sum(estimate_prompt(r.messages, r.provider).tokens for r in requests) / len(requests)
+    return tokens
+
+
+def _with_explainer_prompt(config: RunConfig, path: Path) -> RunConfig:
+    """config with `[roles.explainer] prompt = path`, the explainer's other settings kept."""
+    override = config.roles.get("explainer", RoleOverride())
+    roles = {**config.roles, "explainer": override.model_copy(update={"prompt": str(path)})}
+    return config.model_copy(update={"roles": roles})
 
 
 def _stored_keys(config: RunConfig) -> set[str]:

@@ -21,7 +21,6 @@ from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.roles import calls
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
-from agentkd.tokens import estimate_prompt
 from agentkd.workpool import PoolOutcome, run_all
 
 REQUIRED_FIELDS = {
@@ -167,18 +166,3 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
             # Rows in input order; rows not reached are left out and a re-run completes them.
             write_jsonl(output_path, (results[i] for i in sorted(results)))
     return summary
-
-
-TYPICAL_REASON = ("a one-sentence explanation of about twenty words that names the key fact of the input "
-                  "and shows how it leads to the chosen label.")
-
-
-def kshot_comparison(prompts, rows: list[dict[str, Any]], k: int = 6) -> tuple[float, float]:
-    """Mean prompt tokens per row: zero-shot (what we send) vs with k worked examples (few-shot)."""
-    sample = rows[:200]
-    requests = [prompts.explain(r["instruction"]) for r in sample]
-    zero = sum(estimate_prompt(q.messages, q.provider).tokens for q in requests) / len(requests)
-    demos = [{"role": "user", "content": f"Input: {r['instruction']}\nLabel: x\nReason: {TYPICAL_REASON}"}
-             for r in sample]
-    per_demo = sum(estimate_prompt((d,), requests[0].provider).tokens for d in demos) / len(demos)
-    return zero, zero + k * per_demo

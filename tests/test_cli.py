@@ -70,6 +70,45 @@ def test_teach_explainer_with_partial_rationales(tmp_path, capsys):
     assert "0 parse failures" in printed and "saved" in printed  # the zero-shot vs 6-shot comparison
 
 
+def test_teach_prints_the_measured_token_counts_of_both_explainer_prompts(tmp_path, capsys):
+    import re
+
+    from agentkd.config import load_config
+    from agentkd.estimate import explainer_prompt_tokens
+
+    config = write_config(tmp_path)
+    rows = problems(15)
+    data = write_rows(tmp_path / "in.jsonl", rows)
+    assert main(["teach", str(config), "--role", "explainer", "--input", str(data), "--output",
+                 str(tmp_path / "out.jsonl"), "--no-progress"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("explainer prompt:")][0]
+    zero, six = map(int, re.search(r"(\d+) tokens/row zero-shot vs (\d+) with 6 worked examples", line).groups())
+    measured = explainer_prompt_tokens(load_config(config), [r["instruction"] for r in rows])
+    assert (zero, six) == (round(measured["zero_shot"]), round(measured["six_shot"]))
+    assert measured["six_shot"] > measured["zero_shot"] + 6 * 30  # six examples of ~50 tokens each, rendered
+
+
+def test_the_six_shot_explainer_prompt_is_selectable_and_the_sim_answers_it(tmp_path, capsys):
+    six_shot = ROOT / "prompts" / "explainer_6shot.md"
+    config = write_config(tmp_path, f'[roles.explainer]\nprompt = "{six_shot}"\n')
+    data = write_rows(tmp_path / "in.jsonl", problems(10))
+    out = tmp_path / "out.jsonl"
+    for structured in ("true", "false"):  # a JSON reply and the two-line reply both parse
+        assert main(["teach", str(config), "--role", "explainer", "--input", str(data), "--output", str(out),
+                     "--no-progress", "--set", f"teacher.structured_output={structured}"]) == 0
+        assert "0 parse failures" in capsys.readouterr().out
+        rows = read_rows(out)
+        assert all(r["label"] is not None and r["rationale"] for r in rows)
+    from agentkd.store import Store
+
+    store = Store(tmp_path / "runs" / "t" / "agentkd.duckdb", read_only=True)
+    try:
+        sent = store.query("SELECT DISTINCT request_json FROM calls WHERE role = 'explainer'")
+    finally:
+        store.close_sync()
+    assert sent and all("Example 6" in r[0] for r in sent)
+
+
 def test_teach_referee_and_generator(tmp_path):
     config = write_config(tmp_path)
     items = sample_problems(8, seed=5)

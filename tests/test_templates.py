@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentkd.roles.explainer import parse_explanation, task_definition
+from agentkd.config import TaskSection
 from agentkd.roles.template import (
+    ALTERNATIVE_PROMPTS,
     PROMPT_PLACEHOLDERS,
     TemplateError,
     builtin_prompts_dir,
@@ -58,6 +61,45 @@ def test_plain_generator_asks_for_the_same_kind_and_shows_no_failure() -> None:
     assert template.required == {"seed_instruction"} and not template.optional
     user = template.render({"seed_instruction": "Add 2 and 3."})[1]["content"]
     assert "same kind" in user and "difficult" in user and "failed_answer" not in user
+
+
+def shipped_prompt_files() -> list[Path]:
+    return sorted(p for p in builtin_prompts_dir().glob("*.md") if p.name != "README.md")
+
+
+@pytest.mark.parametrize("path", shipped_prompt_files(), ids=lambda p: p.name)
+def test_every_shipped_prompt_file_loads_as_the_prompt_it_serves(path: Path) -> None:
+    prompt = ALTERNATIVE_PROMPTS.get(path.stem, path.stem)
+    assert prompt in PROMPT_PLACEHOLDERS, f"{path.name} serves no known prompt"
+    template = load_template(prompt, path)
+    messages = template.render(values_for(prompt, "VALUE"))
+    assert [m["role"] for m in messages] == ["system", "user"] and "{{" not in messages[1]["content"]
+
+
+SHOT = re.compile(r"^Input: (?P<input>.+)\n(?P<reply>Label: .+\nReason: .+)$", re.MULTILINE)
+
+
+def test_six_shot_explainer_holds_six_real_sim_problems_in_the_reply_format_the_parser_reads() -> None:
+    from agentkd.teachers.sim.world import solve
+
+    template = load_template("explainer", builtin_prompts_dir() / "explainer_6shot.md")
+    zero = load_template("explainer")
+    assert (template.required, template.optional) == (zero.required, zero.optional)
+    shots = list(SHOT.finditer(template.user))
+    assert len(shots) == 6
+    task = task_definition(TaskSection(kind="arithmetic"))
+    kinds = set()
+    for shot in shots:
+        problem = solve(shot["input"])
+        assert problem is not None, shot["input"]
+        parsed = parse_explanation(shot["reply"], task)
+        assert parsed.label == str(problem.answer) and parsed.rationale is not None
+        kinds.add(problem.kind)
+    assert len(kinds) == 6  # one example per kind, not six of one
+    # Everything else is the zero-shot prompt, word for word.
+    assert template.system == zero.system
+    assert zero.user.startswith(template.user.split("\n\nSix worked examples")[0])
+    assert template.user.endswith(zero.user.split("instructions to you.\n\n", 1)[1])
 
 
 def test_explainer_is_zero_shot_and_asks_for_two_lines() -> None:

@@ -26,6 +26,9 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "generator_easy": ("seed_instruction",),
     "generator_plain": ("seed_instruction",),
 }
+# Shipped files that are not a prompt's built-in but an alternative a role's `prompt` may select:
+# file stem -> the prompt it stands in for (e.g. `[roles.explainer] prompt = "prompts/explainer_6shot.md"`).
+ALTERNATIVE_PROMPTS: dict[str, str] = {"explainer_6shot": "explainer"}
 
 # One alternation, one pass. An optional placeholder alone on its line is matched with its line, so an
 # omitted block leaves no blank line behind.

@@ -4,9 +4,9 @@ Contract (prompts/README.md): values arrive as `<data name="NAME">\\n...\\n</dat
 present pick the role: answer_a + answer_b -> referee; seed_instruction -> generator (a rarer kind when
 the text outside the blocks says "rarer", as prompts/generator_easy.md does; else, for the hard and the
 plain prompt alike, a new problem of the seed's kind, steps and digits); input + labels (+ label) ->
-explainer (label only when the prompt outside the blocks asks for no reason, like prompts/labeler.md);
-otherwise answerer, whose instruction is the `instruction` block or, without blocks, the whole last user
-message.
+explainer (label only when the prompt outside the blocks asks for no reason, like prompts/labeler.md;
+worked examples outside the blocks, as in prompts/explainer_6shot.md, change nothing); otherwise
+answerer, whose instruction is the `instruction` block or, without blocks, the whole last user message.
 """
 
 from __future__ import annotations
