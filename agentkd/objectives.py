@@ -12,15 +12,12 @@ Conventions, shared by every loss here:
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-START = -1  # n-gram context padding before the first token (no real token id is negative)
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,13 +158,13 @@ def proxy_sample_weights(mean_logp: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(z)
 
 
-# ---------------------------------------------------------------- posterior targets (v1)
+# ---------------------------------------------------------------- sparse targets (posterior.py, proxy.py)
 
 
 @dataclass(frozen=True)
 class SparseTargets:
-    """One sequence's sparse target distribution: per position the top-k ids and probabilities and
-    the mass left off them. Memory O(k) per position instead of O(V)."""
+    """One sequence's sparse target distribution: per position k ids (a top-k, or posterior.py's support;
+    a repeated id carries 0), their probabilities and the mass left off them. O(k) per position, not O(V)."""
 
     ids: torch.Tensor  # (T, k) int32
     probs: torch.Tensor  # (T, k) float32
@@ -183,81 +180,3 @@ def sparsify(dist: torch.Tensor, k: int) -> SparseTargets:
     probs, ids = dist.topk(k, dim=-1)  # (T, k)
     tail = dist.scatter(-1, ids, 0.0).sum(-1)  # (T,): 0 exactly when k = V
     return SparseTargets(ids=ids.to(torch.int32), probs=probs.float().contiguous(), tail=tail.float())
-
-
-class NGramModel:
-    """Add-k smoothed n-gram over token ids, built from ALL stored teacher outputs (the prior's corpus).
-
-    Counts live in dicts keyed by the context tuple, so memory grows with the corpus, not with V^n.
-    p(v | ctx) = (c(ctx, v) + k) / (c(ctx) + k V), using the longest context (n-1 tokens, then
-    shorter: agentkd's backoff choice) that occurs in the corpus; sequences are padded on the left
-    with START so the first tokens have contexts too.
-    """
-
-    def __init__(self, n: int, vocab_size: int, add_k: float) -> None:
-        self.n, self.vocab_size, self.add_k = n, vocab_size, add_k
-        self.counts: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
-
-    @classmethod
-    def fit(cls, sequences: Iterable[Sequence[int]], *, n: int, vocab_size: int, add_k: float) -> NGramModel:
-        model = cls(n, vocab_size, add_k)
-        for seq in sequences:
-            padded = [START] * (n - 1) + list(seq)
-            for i in range(n - 1, len(padded)):
-                for order in range(n):  # contexts of length 0 .. n-1
-                    model.counts[tuple(padded[i - order : i])][padded[i]] += 1
-        return model
-
-    def sparse(self, context: Sequence[int]) -> tuple[list[int], list[float], float]:
-        """(ids, probs, floor): p(v) = probs[j] for v = ids[j], `floor` for every other id."""
-        context = ([START] * (self.n - 1) + list(context))[-(self.n - 1) :] if self.n > 1 else []
-        for order in range(len(context), -1, -1):
-            ctx = tuple(context[len(context) - order :])
-            seen = self.counts.get(ctx)
-            if seen:
-                denom = sum(seen.values()) + self.add_k * self.vocab_size
-                ids = list(seen)
-                return ids, [(seen[v] + self.add_k) / denom for v in ids], self.add_k / denom
-        return [], [], 1.0 / self.vocab_size
-
-    def dense(self, context: Sequence[int]) -> torch.Tensor:
-        ids, probs, floor = self.sparse(context)
-        out = torch.full((self.vocab_size,), floor)
-        out[ids] = torch.tensor(probs)
-        return out  # (V,)
-
-
-def prior(ngram: NGramModel, targets: Sequence[int], eps: float) -> torch.Tensor:
-    """p0(v) at each position t = (1 - eps) * onehot(y_t) + eps * ngram(v | y_<t). Returns (T, V)."""
-    rows = [ngram.dense(targets[max(0, t - ngram.n + 1) : t]) for t in range(len(targets))]
-    p0 = eps * torch.stack(rows) if rows else torch.zeros(0, ngram.vocab_size)  # (T, V)
-    p0[torch.arange(len(targets)), torch.as_tensor(targets, dtype=torch.long)] += 1.0 - eps
-    return p0
-
-
-def evidence_from_top_logprobs(ids: torch.Tensor, logprobs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Provider top-k logprobs -> a full distribution (T, V): exp(logprob) on the k ids; the remaining
-    mass spread over the other ids in proportion to the proxy q (T, V)."""
-    top = torch.zeros_like(q).scatter(-1, ids, logprobs.exp())  # (T, V)
-    rest = (1.0 - top.sum(-1, keepdim=True)).clamp_min(0.0)  # (T, 1)
-    q_off = q.scatter(-1, ids, 0.0)  # (T, V)
-    return top + rest * q_off / q_off.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def posterior(
-    p0: torch.Tensor,
-    q: torch.Tensor,
-    *,
-    alpha: float,
-    beta: float,
-    evidence: torch.Tensor | None = None,
-    gamma: float = 0.0,
-) -> torch.Tensor:
-    """Dirichlet-multinomial posterior mean (agentkd formulation of arXiv 2401.07013 v1, METHODS.md §3):
-    p_post = (alpha * p0 + beta * q [+ gamma * p_topk]) / (alpha + beta [+ gamma]). All (T, V)."""
-    num, den = alpha * p0 + beta * q, alpha + beta
-    if evidence is not None and gamma > 0:
-        num, den = num + gamma * evidence, den + gamma
-    if den <= 0:
-        raise ValueError("dirichlet_alpha + dirichlet_beta (+ logprob_gamma) must be > 0")
-    return num / den

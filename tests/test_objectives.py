@@ -99,41 +99,6 @@ def test_posterior_kd_loss_is_ce_plus_lambda_mean_kl():
     assert obj.posterior_kd_loss(logits, labels, ids, probs, tail, 2.0).item() == pytest.approx(ref, rel=1e-5)
 
 
-def test_ngram_counts_and_smoothing():
-    ng = obj.NGramModel.fit([[3, 4, 5], [3, 4, 6], [3, 7]], n=3, vocab_size=10, add_k=0.5)
-    # context (3, 4) seen twice: 5 once, 6 once -> (1 + 0.5) / (2 + 0.5 * 10)
-    assert ng.dense([3, 4])[5].item() == pytest.approx(1.5 / 7)
-    assert ng.dense([3, 4])[0].item() == pytest.approx(0.5 / 7)
-    for ctx in ([], [3], [3, 4], [9, 9], [1, 2, 3, 4]):
-        assert ng.dense(ctx).sum().item() == pytest.approx(1.0, abs=1e-6)
-
-
-def test_posterior_is_a_distribution_including_tail():
-    ng = obj.NGramModel.fit([[1, 2, 3, 4], [2, 3, 5]], n=3, vocab_size=12, add_k=0.1)
-    ys = [2, 3, 4, 5]
-    q = torch.softmax(torch.randn(4, 12, generator=torch.Generator().manual_seed(0)), -1)
-    post = obj.posterior(obj.prior(ng, ys, 0.1), q, alpha=1.0, beta=1.0)
-    assert (post >= 0).all()
-    sparse = obj.sparsify(post, 3)
-    torch.testing.assert_close(sparse.probs.sum(-1) + sparse.tail, torch.ones(4))
-    # with the teacher's top-k logprobs as extra evidence it is still a distribution
-    ev = obj.evidence_from_top_logprobs(torch.tensor([[2, 7]] * 4), torch.log(torch.tensor([[0.6, 0.3]] * 4)), q)
-    torch.testing.assert_close(ev.sum(-1), torch.ones(4))
-    assert ev[0, 2].item() == pytest.approx(0.6)
-    post_ev = obj.posterior(obj.prior(ng, ys, 0.1), q, alpha=1.0, beta=1.0, evidence=ev, gamma=1.0)
-    torch.testing.assert_close(post_ev.sum(-1), torch.ones(4))
-
-
-def test_posterior_is_one_hot_when_eps_and_beta_are_zero():
-    ng = obj.NGramModel.fit([[1, 2, 3]], n=2, vocab_size=6, add_k=0.1)
-    ys = [1, 2, 3]
-    q = torch.full((3, 6), 1 / 6)
-    post = obj.posterior(obj.prior(ng, ys, 0.0), q, alpha=1.0, beta=0.0)
-    torch.testing.assert_close(post, F.one_hot(torch.tensor(ys), 6).float())
-    sparse = obj.sparsify(post, 4)
-    assert sparse.ids[:, 0].tolist() == ys and sparse.tail.abs().max().item() == 0.0
-
-
 def test_dpo_loss_matches_formula_and_prefers_chosen():
     g = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
