@@ -71,12 +71,12 @@ def posterior_targets(
         rows, exs = encoded[lo : lo + batch_size], examples[lo : lo + batch_size]
         ys = [r.labels[r.start : len(r.input_ids)] for r in rows]  # response tokens (+ eos) as truncated
         y = np.asarray([v for s in ys for v in s], dtype=np.int64)  # (P,) every response position of the batch
-        length, number = prior.locate(_response_contexts(ys, prior.n))
+        length, number = prior.locate(contexts(ys, prior.n)[0])  # the prior's context at each position
         prior_top = prior.top(length, number)  # (P, Kp), -1 padded
         ev_ids, ev_lp, ev_mask = np.tile(y[:, None], (1, E)), np.zeros((len(y), E)), np.zeros((len(y), E), bool)
         at = 0
         for row_y, ex in zip(ys, exs, strict=True):
-            if ex.teacher_top_logprobs:  # gamma = 0 (E = 0): offered, never used
+            if ex.teacher_top_logprobs:  # offered; with gamma = 0 (E = 0) every position counts as unused
                 ids, lps, mask, offered = aligned_evidence(tokenizer, ex, row_y, E, cache)
                 sl = slice(at, at + len(row_y))
                 ev_ids[sl], ev_lp[sl], ev_mask[sl] = ids, lps, mask  # (T_r, E) each
@@ -135,11 +135,6 @@ def _first(support: np.ndarray) -> np.ndarray:
     first = np.empty_like(repeat)
     np.put_along_axis(first, order, ~repeat, axis=1)
     return first
-
-
-def _response_contexts(ys: Sequence[Sequence[int]], n: int) -> np.ndarray:
-    """(P, n-1) each response position's previous n-1 response tokens, START-padded (the prior's contexts)."""
-    return contexts(ys, n)[0]
 
 
 def _q_on_support(
