@@ -57,6 +57,7 @@ class Budget:
         self.settled_tokens = 0
         self.reserved_usd = 0.0
         self.reserved_tokens = 0
+        self.reserved_calls = 0  # reservations open now: calls in flight or about to be sent
         self.restored_usd = 0.0  # what earlier sessions spent (part of settled_*)
         self.restored_tokens = 0
         self._ids = itertools.count()
@@ -99,12 +100,14 @@ class Budget:
             )
         self.reserved_usd += usd
         self.reserved_tokens += tokens
+        self.reserved_calls += 1
         return Reservation(f"{self._prefix}{next(self._ids)}", key, model, usd, tokens)
 
     def settle(self, reservation: Reservation, usage: Usage | None) -> tuple[float, int]:
         """Close a reservation. usage None = ambiguous failure: charge the whole reservation."""
         self.reserved_usd -= reservation.usd
         self.reserved_tokens -= reservation.tokens
+        self.reserved_calls -= 1
         if usage is None:
             usd, tokens = reservation.usd, reservation.tokens
         else:
@@ -118,6 +121,7 @@ class Budget:
         """Nothing reached the provider: the reservation is returned whole."""
         self.reserved_usd -= reservation.usd
         self.reserved_tokens -= reservation.tokens
+        self.reserved_calls -= 1
 
     def _caps(self) -> str:
         parts = []

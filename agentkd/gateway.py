@@ -1,8 +1,9 @@
 """The one path every teacher call takes (DESIGN.md, "The gateway").
 
     request -> cache (stored answer? a concurrent identical call in flight? share it)
-            -> per attempt: limiter.acquire -> budget.reserve -> covered by a durable block in the
-                            store (ledger.py) -> teacher.complete -> settle (finally, always)
+            -> per attempt: limiter.acquire -> budget.reserve -> covered by a durable level in the
+                            store (ledger.py) -> teacher.complete -> settle (finally, always): at the
+                            usage, at 0 for a complete error response, at the reservation when ambiguous
             -> retry policy (tenacity; waits from the provider's headers or full jitter)
             -> the call row is committed before the result is returned
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from agentkd.budget import Budget, BudgetExhausted, Reservation, Usage
 from agentkd.config import LimitsSection
-from agentkd.ledger import SpendCover, spent_in_store
+from agentkd.ledger import PriorSpend, SpendCover, prior_spend
 from agentkd.limiter import Limiter
 from agentkd.retry import Deferred, retrying
 from agentkd.store import Store, StoreError
@@ -99,15 +100,16 @@ class Gateway:
         self._budget_waiters = 0
         self._session = uuid.uuid4().hex[:8]
         self.sending = True  # False: calls still waiting for a slot are dropped, not sent
-        self.cover = SpendCover(store, budget, session=self._session, block_calls=limits.max_concurrency)
+        self.cover = SpendCover(store, budget, session=self._session, max_concurrency=limits.max_concurrency)
+        self.prior = PriorSpend()  # what earlier sessions of this run spent, or may have (start())
         self.stats = GatewayStats()
 
     async def start(self) -> None:
         """Load what earlier processes stored: answered keys and everything they spent or reserved."""
         await self.store.start()
         self._stored_keys = self.store.ok_call_keys()
-        usd, tokens = spent_in_store(self.store)
-        self.budget.restore(usd=usd, tokens=tokens, run_id=f"{self._session}-")
+        self.prior = prior_spend(self.store)
+        self.budget.restore(usd=self.prior.usd, tokens=self.prior.tokens, run_id=f"{self._session}-")
 
     def stop_sending(self) -> None:
         """Calls in flight finish; calls still waiting for budget cover or a limiter slot are dropped
@@ -121,7 +123,7 @@ class Gateway:
         try:
             await self.cover.close()
         except StoreError:
-            pass  # unclosed, the session's blocks count as spent on resume: the safe side
+            pass  # unclosed, the session counts at its last cover on resume: the safe side
         for teacher in self.teachers.values():
             await teacher.aclose()
 
@@ -236,7 +238,7 @@ class Gateway:
         status: int | None = None
         error_class: str | None = None
         try:
-            # Durable before sending: usually at once, from a block committed earlier.
+            # Durable before sending: usually at once, under a level committed earlier.
             await self.cover.cover(reservation.usd, reservation.tokens)
             sent = True
             self.stats.sent += 1
@@ -266,12 +268,16 @@ class Gateway:
                 self._budget_freed.set()
                 self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
-            # closing ledger row is also the attempt's record (the `attempts` view).
-            self._record({"reservation_id": reservation.id, "key": reservation.key, "event": outcome,
-                          "usd": usd, "tokens": tokens, "session": self._session,
-                          "reserved_usd": reservation.usd, "reserved_tokens": reservation.tokens,
-                          "attempt": attempt, "status_code": status, "error_class": error_class,
-                          "latency_s": self._clock() - t0}, "reservations")
+            # closing ledger row is also the attempt's record (the `attempts` view); a cover level it
+            # leaves out of its band is rewritten in the same commit.
+            try:
+                self.cover.record({"reservation_id": reservation.id, "key": reservation.key, "event": outcome,
+                                   "usd": usd, "tokens": tokens, "session": self._session,
+                                   "reserved_usd": reservation.usd, "reserved_tokens": reservation.tokens,
+                                   "attempt": attempt, "status_code": status, "error_class": error_class,
+                                   "latency_s": self._clock() - t0})
+            except StoreError:
+                pass  # the store's failure is raised before the next paid call
 
     async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int) -> Reservation:
         """Reserve the worst case; while other calls are in flight, wait for them to settle first.
@@ -291,12 +297,6 @@ class Gateway:
                     await self._budget_freed.wait()
                 finally:
                     self._budget_waiters -= 1
-
-    def _record(self, row: dict[str, Any], table: str) -> None:
-        try:
-            self.store.enqueue(table, [row])
-        except StoreError:
-            pass  # the store's failure is raised before the next paid call
 
     def _on_wait(self, error: TeacherError, seconds: float) -> None:
         if isinstance(error, RateLimited):

@@ -1,40 +1,52 @@
-"""Durable spend cover: budget committed to the store in blocks, ahead of the calls that use it.
+"""Durable spend cover: before a call is sent, the store holds a record that covers it.
 
-A crash must not hide spend: before a call is sent, the store must already hold a record that covers
-it. Writing and awaiting one reservation row per call did that at the price of a second durable wait
-per request. Instead, the gateway writes a `block` row that covers many calls at once, and a call is
-sent only while this session's exposure (settled + reserved in flight) fits under the committed
-blocks. A clean shutdown writes a `close` row; a session without one (kill -9, power loss) is counted
-on resume at the whole of its blocks, which covers every call it had in flight.
+A crash must hide no spend, and should invent little. Each session keeps one figure durable, its
+cover: the level (USD and tokens) its spend may have reached, settled + reserved in flight + a
+headroom H, written as a `cover` row. A call is sent only once a committed level covers it. The
+level follows what is in flight both ways:
+  - raised to exposure + H when a reservation would pass it (that call waits for the commit), or
+    ahead of need when less than H/2 is left (nobody waits);
+  - lowered to exposure + H when more than 2H is unused, in the same commit as the settle row that
+    freed it (nobody waits: until that commit the higher level is the durable one).
+A clean end writes a `close` row. On resume, a session without one counts at its last committed
+level (at its settled rows, if those are more): the worst case of the calls it had in flight plus
+at most 2H, whatever max_concurrency is.
 
-The price: after a crash, up to one block of budget that was never billed counts as spent. A block is
-sized to `max_concurrency` worst-case calls, about what the per-call scheme left charged for the calls
-in flight, and is never allowed past the cap. The next block is written while half of the current one
-is still unused, so calls rarely wait for it.
+H, per capped dimension, is max(the session's largest worst case, 0.5% of the cap), so a crash
+costs at most max(2 worst-case calls, 1% of the cap) beyond the calls in flight. A dimension with
+no cap bounds nothing and takes H = max_concurrency worst cases, so its level is rewritten rarely.
+Under a tight cap the level is rewritten about once per call and a call now and then waits for one
+commit (benchmarks/gateway_overhead.py --budget-usd measures what that costs).
+
+One window is inherent to any record written before a send: a call whose cover has just committed
+counts from that moment, a moment before its request is on the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 from agentkd.budget import Budget
 from agentkd.store import Store
 
 EPS = 1e-12
+HEADROOM_SHARE = 0.005  # of the cap: lowered past 2H, so a crash counts at most 1% of it unspent
 
 
 class SpendCover:
-    def __init__(self, store: Store, budget: Budget, *, session: str, block_calls: int) -> None:
+    def __init__(self, store: Store, budget: Budget, *, session: str, max_concurrency: int) -> None:
         self.store = store
         self.budget = budget
         self.session = session
-        self.block_calls = max(1, block_calls)
-        self.usd = 0.0  # committed blocks of this session
-        self.tokens = 0
-        self.blocks = 0
-        self._pending: asyncio.Future | None = None
-        self._amounts: dict[asyncio.Future, tuple[float, int]] = {}
+        self.max_concurrency = max(1, max_concurrency)
+        self.level: tuple[float, int] = (0.0, 0)  # the level written last (committed or on its way)
+        self.floor: tuple[float, int] = (0.0, 0)  # the lowest level a durable state can show from now on
+        self.writes = 0
+        self._committed: tuple[float, int] = (0.0, 0)
+        self._pending: deque[tuple[asyncio.Future, tuple[float, int]]] = deque()  # FIFO, like the writer
+        self._worst: tuple[float, int] = (0.0, 0)  # the largest worst case reserved by this session
 
     def _exposure(self) -> tuple[float, int]:
         """What this session has spent or may be spending now."""
@@ -42,96 +54,211 @@ class SpendCover:
         return (b.settled_usd + b.reserved_usd - b.restored_usd,
                 b.settled_tokens + b.reserved_tokens - b.restored_tokens)
 
+    def headroom(self) -> tuple[float, int]:
+        b, (worst_usd, worst_tokens) = self.budget, self._worst
+        usd = (max(worst_usd, HEADROOM_SHARE * b.cap_usd) if b.cap_usd is not None
+               else self.max_concurrency * worst_usd)
+        tokens = (max(worst_tokens, int(HEADROOM_SHARE * b.cap_tokens)) if b.cap_tokens is not None
+                  else self.max_concurrency * worst_tokens)
+        return usd, tokens
+
+    def _wanted(self, usd: float, tokens: int) -> tuple[float, int]:
+        """Exposure + H, never past what the cap leaves this session (never below the exposure)."""
+        b = self.budget
+        head_usd, head_tokens = self.headroom()
+        want_usd, want_tokens = usd + head_usd, tokens + head_tokens
+        if b.cap_usd is not None:
+            want_usd = max(usd, min(want_usd, b.cap_usd - b.restored_usd))
+        if b.cap_tokens is not None:
+            want_tokens = max(tokens, min(want_tokens, b.cap_tokens - b.restored_tokens))
+        return want_usd, want_tokens
+
+    def _next_level(self) -> tuple[float, int] | None:
+        """The level to write now, or None while the written one is inside its band [H/2, 2H]."""
+        usd, tokens = self._exposure()
+        head_usd, head_tokens = self.headroom()
+        want = self._wanted(usd, tokens)
+        slack_usd, slack_tokens = self.level[0] - usd, self.level[1] - tokens
+        raise_ = ((slack_usd < head_usd / 2 and want[0] > self.level[0] + EPS)
+                  or (slack_tokens < head_tokens / 2 and want[1] > self.level[1]))
+        lower = slack_usd > 2 * head_usd + EPS or slack_tokens > 2 * head_tokens
+        return want if raise_ or lower else None
+
     async def cover(self, worst_usd: float, worst_tokens: int) -> None:
-        """Return once the store covers everything reserved so far (the caller's reservation included)."""
+        """Return once a committed level covers this session's exposure (the caller's reservation included)."""
+        if worst_usd > self._worst[0] or worst_tokens > self._worst[1]:
+            self._worst = (max(worst_usd, self._worst[0]), max(worst_tokens, self._worst[1]))
+        mine = self._exposure()
+        level = self._next_level()
+        if level is not None:
+            self._submit([], level)
         while True:
+            # Covered when every durable state from now on shows at least the exposure as it was at
+            # this reservation, or as it is now if calls have settled since (levels written after
+            # this one are computed with this reservation in them).
             usd, tokens = self._exposure()
-            short_usd, short_tokens = usd - self.usd, tokens - self.tokens
-            if short_usd <= EPS and short_tokens <= 0:
-                # Covered. Write the next block early while half of this one is still unused.
-                if (self._pending is None and (-short_usd < self.block_calls * worst_usd / 2
-                                               or -short_tokens < self.block_calls * worst_tokens / 2)):
-                    self._write_block(0.0, 0, worst_usd, worst_tokens)
+            if (self.floor[0] + EPS >= min(usd, mine[0])) and self.floor[1] >= min(tokens, mine[1]):
                 return
-            if self._pending is None:
-                self._write_block(max(short_usd, 0.0), max(short_tokens, 0), worst_usd, worst_tokens)
-            assert self._pending is not None
-            pending = self._pending
+            if not self._pending:  # nothing on its way covers it (a lowering raced it): write what is needed
+                self._submit([], self._wanted(usd, tokens))
+            pending = self._pending[-1][0]
             # Applied here as well as in the done-callback: awaiting a future that is already done
             # does not yield, so a callback not yet run would leave this loop spinning.
             await asyncio.shield(pending)
-            self._committed(pending)
+            self._on_commit(pending)
 
-    def _write_block(self, need_usd: float, need_tokens: int, worst_usd: float, worst_tokens: int) -> None:
-        b = self.budget
-        usd = max(need_usd, self.block_calls * worst_usd)
-        tokens = max(need_tokens, self.block_calls * worst_tokens)
-        # Never commit past the cap: after a crash the whole block counts as spent.
-        if b.cap_usd is not None:
-            usd = max(need_usd, min(usd, b.cap_usd - b.restored_usd - self.usd))
-        if b.cap_tokens is not None:
-            tokens = max(need_tokens, min(tokens, b.cap_tokens - b.restored_tokens - self.tokens))
-        if usd <= EPS and tokens <= 0:
-            return  # at the cap: nothing left to commit ahead
-        self.blocks += 1
-        row = self._row("block", usd, tokens, f"{self.session}-block{self.blocks}")
-        future = self.store.submit("reservations", [row])
-        self._pending = future
-        self._amounts[future] = (usd, tokens)
-        future.add_done_callback(self._committed)
+    def record(self, row: dict[str, Any]) -> None:
+        """Queue an attempt's settle or release row; a level it leaves too high (or too low) is
+        rewritten in the same commit, so no durable state has the settle without the new level."""
+        row["in_flight"] = self.budget.reserved_calls
+        level = self._next_level()
+        if level is None:
+            self.store.enqueue("reservations", [row])
+        else:
+            self._submit([row], level)
 
-    def _committed(self, future: asyncio.Future) -> None:
-        """Count a block once its row is committed (idempotent: callback and waiter both call it)."""
-        if self._pending is future:
-            self._pending = None
-        amounts = self._amounts.pop(future, None)
-        if amounts is not None and not future.cancelled() and future.exception() is None:
-            self.usd += amounts[0]
-            self.tokens += amounts[1]
+    def _submit(self, rows: list[dict[str, Any]], level: tuple[float, int]) -> None:
+        self.writes += 1
+        rows.append(self._row("cover", level[0], level[1], f"{self.session}-cover{self.writes}",
+                              in_flight=self.budget.reserved_calls))
+        future = self.store.submit("reservations", rows)
+        self.level = level
+        self._pending.append((future, level))
+        self.floor = (min(self.floor[0], level[0]), min(self.floor[1], level[1]))
+        future.add_done_callback(self._on_commit)
+
+    def _on_commit(self, future: asyncio.Future) -> None:
+        """A level is durable once its row commits; commits come in FIFO order (idempotent: the
+        callback and a waiter both call it)."""
+        while self._pending and self._pending[0][0].done():
+            done, level = self._pending.popleft()
+            if not done.cancelled() and done.exception() is None:
+                self._committed = level
+        self.floor = self._committed
+        for _, level in self._pending:
+            self.floor = (min(self.floor[0], level[0]), min(self.floor[1], level[1]))
 
     async def close(self) -> None:
         """A clean end: nothing in flight, so the settled rows alone are this session's spend."""
-        if self._pending is not None:
-            pending = self._pending
+        while self._pending:
+            pending = self._pending[-1][0]
             await asyncio.shield(pending)
-            self._committed(pending)
-        if self.blocks == 0 or self.budget.reserved_tokens > 0 or self.store.failure is not None:
+            self._on_commit(pending)
+        if self.writes == 0 or self.budget.reserved_calls > 0 or self.store.failure is not None:
             return
         usd, tokens = self._exposure()
-        await self.store.write("reservations", self._row("close", usd, tokens, f"{self.session}-close"))
+        await self.store.write("reservations", self._row("close", usd, tokens, f"{self.session}-close",
+                                                         in_flight=0))
 
-    def _row(self, event: str, usd: float, tokens: int, reservation_id: str) -> dict[str, Any]:
+    def _row(self, event: str, usd: float, tokens: int, reservation_id: str, *,
+             in_flight: int) -> dict[str, Any]:
         return {"reservation_id": reservation_id, "key": None, "event": event, "usd": usd, "tokens": tokens,
-                "session": self.session}
+                "session": self.session, "in_flight": in_flight}
 
 
-def spent_in_store(store: Store) -> tuple[float, int]:
-    """What earlier sessions spent, or may have: settled rows, plus the blocks of a session that crashed.
+class PriorSpend(NamedTuple):
+    """What earlier sessions of the run spent: settled rows, and what interrupted ones may have spent."""
+
+    settled_usd: float = 0.0
+    settled_tokens: int = 0
+    unsettled_usd: float = 0.0  # counted beyond the settled rows for sessions that never closed
+    unsettled_tokens: int = 0
+    interrupted: int = 0  # sessions without a close row (kill -9, power loss, a failed store)
+    in_flight: int | None = 0  # their calls in flight at their last ledger row; None: an older file
+
+    @property
+    def usd(self) -> float:
+        return self.settled_usd + self.unsettled_usd
+
+    @property
+    def tokens(self) -> int:
+        return self.settled_tokens + self.unsettled_tokens
+
+    def interruption(self) -> str:
+        """e.g. "an interrupted session (3 calls in flight)"."""
+        who = "an interrupted session" if self.interrupted == 1 else f"{self.interrupted} interrupted sessions"
+        if self.in_flight is None:
+            return f"{who} (calls in flight unknown: written by an older agentkd)"
+        return f"{who} ({self.in_flight} call{'' if self.in_flight == 1 else 's'} in flight)"
+
+
+def prior_spend(store: Store) -> PriorSpend:
+    """Settled rows of every session, plus for a session that never closed what its last committed
+    cover (or, in files from earlier versions, its blocks) allowed beyond them.
 
     Rows without a session come from files written before blocks existed: there every reservation
     row was durable before its call, and one never settled counts at its worst case.
     """
-    row = store.query(
+    sessions = store.query(
         """
-        WITH per_session AS (
-            SELECT coalesce(sum(usd) FILTER (WHERE event = 'block'), 0) AS block_usd,
-                   coalesce(sum(tokens) FILTER (WHERE event = 'block'), 0) AS block_tokens,
-                   coalesce(sum(usd) FILTER (WHERE event = 'settle'), 0) AS settled_usd,
-                   coalesce(sum(tokens) FILTER (WHERE event = 'settle'), 0) AS settled_tokens,
-                   bool_or(event = 'close') AS closed
-            FROM reservations WHERE session IS NOT NULL GROUP BY session),
-        opened AS (SELECT reservation_id, usd, tokens FROM reservations
-                   WHERE session IS NULL AND event = 'reserve'),
-        closed AS (SELECT reservation_id, sum(usd) AS usd, sum(tokens) AS tokens FROM reservations
-                   WHERE session IS NULL AND event IN ('settle', 'release') GROUP BY reservation_id)
-        SELECT
-            (SELECT coalesce(sum(CASE WHEN closed THEN settled_usd
-                                      ELSE greatest(block_usd, settled_usd) END), 0) FROM per_session)
-            + (SELECT coalesce(sum(coalesce(c.usd, o.usd)), 0) FROM opened o LEFT JOIN closed c USING (reservation_id)),
-            (SELECT coalesce(sum(CASE WHEN closed THEN settled_tokens
-                                      ELSE greatest(block_tokens, settled_tokens) END), 0) FROM per_session)
-            + (SELECT coalesce(sum(coalesce(c.tokens, o.tokens)), 0) FROM opened o
-               LEFT JOIN closed c USING (reservation_id))
+        SELECT coalesce(sum(usd) FILTER (WHERE event = 'settle'), 0),
+               coalesce(sum(tokens) FILTER (WHERE event = 'settle'), 0),
+               coalesce(arg_max(usd, created_at) FILTER (WHERE event = 'cover'),
+                        sum(usd) FILTER (WHERE event = 'block'), 0),
+               coalesce(arg_max(tokens, created_at) FILTER (WHERE event = 'cover'),
+                        sum(tokens) FILTER (WHERE event = 'block'), 0),
+               bool_or(event = 'close'),
+               bool_or(event = 'cover'),
+               arg_max(in_flight, created_at) FILTER (WHERE in_flight IS NOT NULL)
+        FROM reservations WHERE session IS NOT NULL GROUP BY session
+        """
+    )
+    legacy = store.query(
+        """
+        WITH opened AS (SELECT reservation_id, usd, tokens FROM reservations
+                        WHERE session IS NULL AND event = 'reserve'),
+             closed AS (SELECT reservation_id, sum(usd) AS usd, sum(tokens) AS tokens FROM reservations
+                        WHERE session IS NULL AND event IN ('settle', 'release') GROUP BY reservation_id)
+        SELECT coalesce(sum(c.usd), 0), coalesce(sum(c.tokens), 0),
+               coalesce(sum(o.usd) FILTER (WHERE c.reservation_id IS NULL), 0),
+               coalesce(sum(o.tokens) FILTER (WHERE c.reservation_id IS NULL), 0),
+               count(*) FILTER (WHERE c.reservation_id IS NULL)
+        FROM opened o LEFT JOIN closed c USING (reservation_id)
         """
     )[0]
-    return float(row[0]), int(row[1])
+    settled_usd, settled_tokens = float(legacy[0]), int(legacy[1])
+    unsettled_usd, unsettled_tokens = float(legacy[2]), int(legacy[3])
+    interrupted = 1 if legacy[4] else 0
+    in_flight: int | None = int(legacy[4])
+    for s_usd, s_tokens, c_usd, c_tokens, closed, has_cover, last_in_flight in sessions:
+        settled_usd += float(s_usd)
+        settled_tokens += int(s_tokens)
+        if closed:
+            continue
+        interrupted += 1
+        unsettled_usd += max(float(c_usd) - float(s_usd), 0.0)
+        unsettled_tokens += max(int(c_tokens) - int(s_tokens), 0)
+        if not has_cover or in_flight is None:
+            in_flight = None  # a block session: nothing says how many calls it had in flight
+        else:
+            in_flight += int(last_in_flight or 0)
+    return PriorSpend(settled_usd, settled_tokens, unsettled_usd, unsettled_tokens, interrupted, in_flight)
+
+
+def spent_in_store(store: Store) -> tuple[float, int]:
+    """What earlier sessions spent, or may have: what a resumed budget starts from."""
+    prior = prior_spend(store)
+    return prior.usd, prior.tokens
+
+
+def spend_text(budget: Budget, prior: PriorSpend) -> str:
+    """The run's cumulative spend against the cap: settled, and what an interrupted session may have
+    been billed for the calls it had in flight (both count against the cap)."""
+    settled = budget.settled_usd - prior.unsettled_usd
+    cap = f" of ${budget.cap_usd:g}" if budget.cap_usd is not None else ""
+    text = f"${settled:.4f}{cap}"
+    if prior.interrupted:
+        text = (f"${settled:.4f} settled + ${prior.unsettled_usd:.4f} possibly billed by "
+                f"{prior.interruption()}{cap}")
+    if budget.cap_tokens is not None:
+        text += f", {budget.settled_tokens:,} of {budget.cap_tokens:,} tokens"
+    return text
+
+
+def resume_note(prior: PriorSpend) -> str | None:
+    """The one line a resumed run prints when earlier sessions ended without closing."""
+    if not prior.interrupted:
+        return None
+    return (f"resuming after {prior.interruption()}: the run has settled ${prior.settled_usd:.4f}, and "
+            f"${prior.unsettled_usd:.4f} more may have been billed for the calls in flight; both count "
+            f"against the cap")

@@ -17,17 +17,20 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("batch_id", "VARCHAR"), ("estimator", "VARCHAR"), ("logprobs_json", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
     ],
-    # The budget ledger (ledger.py). Per session: `block` rows, budget committed ahead of the calls it
-    # covers, and a `close` row when the session ended cleanly. Per HTTP attempt one `settle` (or
-    # `release`) row: what it cost, the worst case it had reserved, and the attempt itself (number,
-    # HTTP status, error class, latency), so retries are visible (the `attempts` view) without another
-    # row to commit per call. Files from before blocks existed have per-attempt `reserve` rows and no
-    # session.
+    # The budget ledger (ledger.py). Per session: `cover` rows, each the level of spend (usd, tokens)
+    # the session may have reached, committed before the calls it covers are sent, and a `close` row
+    # when the session ended cleanly. Per HTTP attempt one `settle` (or `release`) row: what it cost,
+    # the worst case it had reserved, and the attempt itself (number, HTTP status, error class,
+    # latency), so retries are visible (the `attempts` view) without another row to commit per call.
+    # in_flight: the session's open reservations just after the row's event. Files from earlier
+    # versions have `block` rows (increments of cover) or, before those, per-attempt `reserve` rows
+    # and no session.
     "reservations": [
         ("reservation_id", "VARCHAR"), ("key", "VARCHAR"), ("event", "VARCHAR"), ("usd", "DOUBLE"),
         ("tokens", "BIGINT"), ("created_at", "TIMESTAMP"), ("attempt", "INTEGER"),
         ("status_code", "INTEGER"), ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"),
         ("session", "VARCHAR"), ("reserved_usd", "DOUBLE"), ("reserved_tokens", "BIGINT"),
+        ("in_flight", "INTEGER"),
     ],
     "instructions": [
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),

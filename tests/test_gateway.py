@@ -216,27 +216,28 @@ async def test_a_stopping_run_sends_nothing_new_but_lets_calls_in_flight_finish(
     await store.close()
 
 
-async def test_a_session_that_never_closed_counts_its_whole_cover_as_spent(tmp_path):
-    """A crash can hide no spend: the blocks written before the calls count in full on resume."""
+async def test_a_session_that_never_closed_counts_at_its_last_cover_level(tmp_path):
+    """A crash can hide no spend: the level committed before the call was sent counts on resume."""
     teacher = ScriptedTeacher(delay=lambda: 10.0)
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
     task = asyncio.create_task(gateway.complete(request()))
     await teacher.sent()
     assert len(teacher.calls) == 1  # in flight: the provider is working on it
-    blocks = store.query("SELECT sum(usd), sum(tokens) FROM reservations WHERE event = 'block'")[0]
-    assert blocks[0] >= gateway.budget.reserved_usd > 0 and blocks[1] >= gateway.budget.reserved_tokens
+    level = store.query("SELECT arg_max(usd, created_at), arg_max(tokens, created_at) FROM reservations "
+                        "WHERE event = 'cover'")[0]
+    assert level[0] >= gateway.budget.reserved_usd > 0 and level[1] >= gateway.budget.reserved_tokens
     task.cancel()  # stands in for the crash: no close row is written
     with pytest.raises(asyncio.CancelledError):
         await task
     await store.close()
     store = Store(tmp_path / "run.duckdb", read_only=True)
     usd, tokens = spent_in_store(store)
-    assert (usd, tokens) == (pytest.approx(blocks[0]), blocks[1]) and usd > gateway.budget.settled_usd
+    assert usd >= gateway.budget.settled_usd and usd == pytest.approx(max(level[0], gateway.budget.settled_usd))
     store.close_sync()
-    # Never past the cap: blocks are cut to what the cap leaves.
+    # Never past the cap: levels are cut to what the cap leaves.
     gateway, store, _ = await make_gateway(tmp_path / "capped", ScriptedTeacher(), usd=0.05)
     await gateway.complete(request())
-    assert store.query("SELECT sum(usd) FROM reservations WHERE event = 'block'")[0][0] <= 0.05 + 1e-12
+    assert store.query("SELECT max(usd) FROM reservations WHERE event = 'cover'")[0][0] <= 0.05 + 1e-12
     await store.close()
 
 
