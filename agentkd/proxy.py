@@ -277,23 +277,40 @@ def proxy_targets(
     model: Any, encoded: Sequence[EncodedRow], cfg: TrainSection, device: torch.device, *, pad_id: int, batch_size: int = 8
 ) -> tuple[list[obj.SparseTargets], torch.Tensor]:
     """Proxy-KD steps c-d: the aligned proxy teacher-forced on (x, y) of the kd role: top-k
-    (cfg.proxy_top_k) probs + tail per response position, computed on the device (only (B, T, k)
-    reaches the host), and w = sigmoid(z-score of mean per-token log p_proxy(y|x)), constants."""
+    (cfg.proxy_top_k) probs + tail per response position, and w = sigmoid(z-score of mean per-token
+    log p_proxy(y|x)), constants. Like posterior targets, the V-wide logits exist only on the device, a
+    chunk of positions at a time (cfg.target_chunk_logits); only (positions, k) values reach the host."""
     model.to(device).eval()
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    step = max(1, cfg.target_chunk_logits // model.config.vocab_size)
     targets, mean_logp = [], []
     for lo in range(0, len(encoded), batch_size):
         chunk = list(encoded[lo : lo + batch_size])
         batch = collate(chunk, pad_id)
-        logits = forward(model, batch).float()  # (B, T, V) on the device
-        mean_logp += obj.sequence_logprob(logits, batch["labels"].to(logits.device), mean=True).tolist()
-        probs, ids = torch.softmax(logits, dim=-1).topk(cfg.proxy_top_k, dim=-1)  # (B, T, k)
-        tail = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (B, T)
-        probs, ids, tail = probs.cpu(), ids.cpu(), tail.cpu()
-        for i, row in enumerate(chunk):
-            n = len(row.input_ids) - row.start
-            window = slice(row.start - 1, row.start - 1 + n)  # logits at t-1 predict token t
-            targets.append(obj.SparseTargets(ids=ids[i, window].to(torch.int32), probs=probs[i, window].contiguous(),
-                                             tail=tail[i, window].contiguous()))
+        hidden = body(input_ids=batch["input_ids"].to(device),
+                      attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
+        T = hidden.size(1)
+        where = torch.cat([torch.arange(r.start - 1, len(r.input_ids) - 1) + i * T for i, r in enumerate(chunk)])
+        ys = torch.tensor([t for r in chunk for t in r.labels[r.start : len(r.input_ids)]], device=device)  # (P,)
+        h = hidden.reshape(-1, hidden.size(-1))[where.to(device)]  # (P, H): state at t-1 predicts token t
+        top_p, top_i, label_lp = [], [], []
+        for a in range(0, h.size(0), step):
+            logits = head(h[a : a + step]).float()  # (C, V), on the device only
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
+            values, ids = logits.topk(cfg.proxy_top_k, dim=-1)  # (C, k)
+            top_p.append((values - lse).exp().cpu())
+            top_i.append(ids.cpu())
+            label_lp.append((logits.gather(-1, ys[a : a + step, None]) - lse).squeeze(-1).cpu())  # (C,)
+            del logits
+        probs, ids, lp = torch.cat(top_p), torch.cat(top_i), torch.cat(label_lp)
+        at = 0
+        for r in chunk:
+            n = len(r.input_ids) - r.start
+            p = probs[at : at + n]
+            targets.append(obj.SparseTargets(ids=ids[at : at + n].to(torch.int32), probs=p.contiguous(),
+                                             tail=(1.0 - p.sum(-1)).clamp_min(0.0)))
+            mean_logp.append(float(lp[at : at + n].mean()) if n else 0.0)
+            at += n
     return targets, obj.proxy_sample_weights(torch.tensor(mean_logp))
 
 

@@ -86,7 +86,7 @@ def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_targets(rows: Sequence[EncodedRow], targets: Sequence[SparseTargets | None], width: int) -> dict[str, torch.Tensor]:
     """Place each row's sparse targets at its label positions: ids, probs (B, T, k) and tail (B, T).
     A row without targets (None: NLL only, e.g. outside the KD role) gets zero mass, so no KL term."""
-    k = next((t.ids.size(-1) for t in targets if t is not None), 1)
+    k = max((t.ids.size(-1) for t in targets if t is not None), default=1)
     ids = torch.zeros((len(rows), width, k), dtype=torch.long)
     probs = torch.zeros((len(rows), width, k))
     tail = torch.zeros((len(rows), width))
