@@ -29,6 +29,7 @@ from agentkd import pools
 from agentkd.budget import BudgetExhausted
 from agentkd.config import RunConfig
 from agentkd.dedup import InstructionIndex, instruction_id
+from agentkd.ledger import spend_text
 from agentkd.roles import calls
 from agentkd.selection import Draw, generator_draws, judge_metrics
 from agentkd.session import TeacherSession, teacher_session
@@ -59,7 +60,7 @@ def run_loop(config: RunConfig, *, show_progress: bool = True, console: Console 
 async def _run(config: RunConfig, show_progress: bool, console: Console) -> str:
     from agentkd.report import write_report
 
-    async with teacher_session(config) as session:
+    async with teacher_session(config, console=console) as session:
         lion = Lion(config, session, console, show_progress)
         await lion.run()
         summary = lion.summary()
@@ -94,9 +95,8 @@ class Lion:
     async def _stage(self, done: set, iteration: int, stage: str, body: Callable[[], Awaitable[None]]) -> None:
         if (iteration, stage) in done:
             return
-        spent = self.s.gateway.budget.settled_usd
-        cap = f" / ${self.config.budget.usd:g}" if self.config.budget.usd is not None else ""
-        self.console.rule(f"iteration {iteration}/{self.loop.iterations} · {stage} · ${spent:.4f}{cap}")
+        spent = spend_text(self.s.gateway.budget, self.s.gateway.prior)  # the run's, against the cap
+        self.console.rule(f"iteration {iteration}/{self.loop.iterations} · {stage} · {spent}")
         await body()
         await self.store.write("loop_state", {"iteration": iteration, "stage": stage})
         done.add((iteration, stage))

@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from rich.console import Console
+
 from agentkd.budget import Budget
 from agentkd.config import RunConfig, dump_config
 from agentkd.gateway import Gateway
+from agentkd.ledger import resume_note
 from agentkd.roles.requests import RolePrompts
 from agentkd.store import Store
 from agentkd.teachers import build_teachers, endpoints
@@ -32,7 +35,8 @@ def uses_embedded_sim(config: RunConfig) -> bool:
 
 
 @asynccontextmanager
-async def teacher_session(config: RunConfig) -> AsyncIterator[TeacherSession]:
+async def teacher_session(config: RunConfig, console: Console | None = None) -> AsyncIterator[TeacherSession]:
+    """`console`: where a resumed run says that an earlier session was interrupted, and what it counts."""
     prompts = RolePrompts(config)  # bad prompt files fail before anything is opened
     sim = None
     sim_url = None
@@ -53,6 +57,9 @@ async def teacher_session(config: RunConfig) -> AsyncIterator[TeacherSession]:
             gateway = Gateway(teachers=teachers, store=store, budget=budget, limits=config.limits,
                               seed=config.run.seed)
             await gateway.start()
+            note = resume_note(gateway.prior)
+            if note is not None and console is not None:
+                console.print(note, highlight=False)
             try:
                 yield TeacherSession(config, store, gateway, prompts)
             finally:
