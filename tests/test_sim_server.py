@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from agentkd.config import SimSection
-from agentkd.teachers.sim import SimTeacher, sim_in_thread
+from agentkd.teachers.sim import Generation, SimTeacher, sim_in_thread
+from agentkd.teachers.sim.protocol import BadRequest
 from agentkd.teachers.sim.ratelimit import RateLimiter, duration
 from agentkd.teachers.sim.world import final_number, sample_problems, solve
 
@@ -397,6 +398,61 @@ async def test_error_rate_gives_wrong_final_numbers(sim_factory):
     problems = sample_problems(5, seed=9)
     finals = [final_number(await ask(sim, p.text)) for p in problems]
     assert all(f is not None and f != p.answer for f, p in zip(finals, problems))
+
+
+# --- a plugged-in responder (a model the caller holds) -----------------------------------------------
+
+
+def _item(token: str, logprob: float) -> dict:
+    tops = [{"token": token, "logprob": logprob, "bytes": list(token.encode())},
+            {"token": " x", "logprob": -2.0, "bytes": [32, 120]}, {"token": " y", "logprob": -3.0, "bytes": [32, 121]}]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": tops}
+
+
+async def test_responder_replaces_the_rule_based_reply_and_its_logprobs():
+    seen = []
+
+    async def respond(req):
+        seen.append(req)
+        return Generation("4 + 3", cut=False, tokens=[_item("4", -0.1), _item(" +", -0.2), _item(" 3", -0.3)],
+                          prompt_tokens=7)
+
+    sim = SimTeacher(SimSection(), seed=1, responder=respond)
+    await sim.start()
+    try:
+        reply = await oai(sim).chat.completions.create(model="m", messages=USER, temperature=0.7, logprobs=True,
+                                                       top_logprobs=2)
+    finally:
+        await sim.stop()
+    assert seen[0].temperature == 0.7 and seen[0].user == PROBLEM.text and seen[0].top_logprobs == 2
+    choice = reply.choices[0]
+    assert choice.message.content == "4 + 3" and choice.finish_reason == "stop"
+    assert [t.token for t in choice.logprobs.content] == ["4", " +", " 3"]
+    assert [t.logprob for t in choice.logprobs.content] == [-0.1, -0.2, -0.3]
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)  # cut to what was asked
+    assert reply.usage.completion_tokens == 3 and reply.usage.prompt_tokens == 7
+    assert sim.stats()["billed_output_tokens"] == 3 and sim.stats()["billed_input_tokens"] == 7
+
+
+async def test_responder_bad_request_is_a_400_and_length_fault_halves_its_tokens():
+    async def respond(req):
+        if req.json_mode:
+            raise BadRequest("response_format: not supported by this teacher.")
+        return Generation("4 + 3", cut=False, tokens=[_item("4", -0.1), _item(" +", -0.2), _item(" 3", -0.3),
+                                                      _item(".", -0.1)])
+
+    sim = SimTeacher(SimSection(), seed=1, responder=respond)
+    await sim.start()
+    try:
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            await chat(sim, response_format={"type": "json_object"})
+        sim.script([{"kind": "length"}])
+        cut = await chat(sim)
+    finally:
+        await sim.stop()
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == "4 +"
+    assert cut.usage.completion_tokens == 2
+    assert sim.stats()["billed_requests"] == 1  # the 400 is not billed
 
 
 # --- thread runner and standalone server ----------------------------------------------------------

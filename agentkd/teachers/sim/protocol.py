@@ -97,8 +97,9 @@ def parse_request(api: str, body: Any) -> ModelRequest:
 
 
 def response_body(req: ModelRequest, text: str, cut: bool, output_tokens: int, rng: random.Random,
-                  kind: str | None, serial: int) -> dict[str, Any]:
-    """The 200 body in the request's wire format; kind no_choices/no_usage leaves those parts out."""
+                  kind: str | None, serial: int, *, tokens: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The 200 body in the request's wire format; kind no_choices/no_usage leaves those parts out.
+    `tokens`: a model's own logprobs content (cut to req.top_logprobs alternatives); None: synthetic."""
     if req.api == "anthropic":
         body: dict[str, Any] = {
             "id": f"msg_sim{serial:012d}", "type": "message", "role": "assistant",
@@ -111,7 +112,9 @@ def response_body(req: ModelRequest, text: str, cut: bool, output_tokens: int, r
         choice = {
             "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
             "logprobs": None if req.top_logprobs is None else {
-                "content": logprobs_content(text, req.top_logprobs, rng), "refusal": None},
+                "content": logprobs_content(text, req.top_logprobs, rng) if tokens is None
+                else [{**t, "top_logprobs": t["top_logprobs"][: req.top_logprobs]} for t in tokens],
+                "refusal": None},
             "finish_reason": "length" if cut else "stop",
         }
         body = {

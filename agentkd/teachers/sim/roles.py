@@ -119,6 +119,11 @@ def _reason(problem: Problem, label: int, phrasing: random.Random | None) -> str
     return f"{opener}, {chain}, so the result is {label}."
 
 
+def explanation(text: str, rng: random.Random, phrasing: random.Random | None, error_rate: float = 0.0) -> str:
+    """The explainer's plain-text reply to a problem: "Label: N\nReason: <one sentence>"."""
+    return _explain(text, False, rng, phrasing, error_rate)
+
+
 def _explain(text: str, json_mode: bool, rng: random.Random, phrasing: random.Random | None,
              error_rate: float) -> str:
     problem = solve(text.strip())

@@ -5,6 +5,10 @@ auth -> parse -> rate limit (429 takes nothing from the buckets) -> random fault
 -> bill. A request is billed when a 200 with content was sent or started (slow, drop and truncated
 included, as a real provider would bill them); errors, 429s and the html page are not.
 Latency: lognormal with mean latency_ms and coefficient of variation latency_jitter (0: constant).
+
+What is said is the responder's business: by default the rule-based world of roles.py; a caller may
+plug in another (an async callable ModelRequest -> Generation, e.g. a small language model whose
+weights a benchmark holds) and keep this HTTP layer, its faults, limits and ledger unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,17 +29,41 @@ from aiohttp import web
 from agentkd.config import SimSection
 from agentkd.teachers.sim import roles
 from agentkd.teachers.sim.faults import HTML_PAGE, Fault, dumps, error_body, parse_script, quota_error, random_fault
-from agentkd.teachers.sim.protocol import CLIENT_KEY_HEADER, MODEL_IDS, BadRequest, ModelRequest, parse_request, response_body
+from agentkd.teachers.sim.protocol import (
+    CLIENT_KEY_HEADER,
+    MODEL_IDS,
+    BadRequest,
+    ModelRequest,
+    parse_request,
+    response_body,
+)
 from agentkd.teachers.sim.ratelimit import RateLimiter, retry_after_headers
 
 
-class SimTeacher:
-    """The simulated teacher server; one instance per event loop."""
+@dataclass(frozen=True)
+class Generation:
+    """A responder's reply. `tokens` (model responders): one OpenAI logprobs content item per output
+    token, whose "token" strings join to `text`; None: the sim's own word tokens and synthetic logprobs.
+    `prompt_tokens`: the prompt as the responder's tokenizer counts it, billed instead of the sim's count."""
 
-    def __init__(self, settings: SimSection, seed: int = 0):
+    text: str
+    cut: bool  # max_tokens ended the reply (finish_reason "length")
+    tokens: list[dict[str, Any]] | None = None
+    prompt_tokens: int | None = None
+
+
+Responder = Callable[[ModelRequest], Awaitable[Generation]]
+
+
+class SimTeacher:
+    """The simulated teacher server; one instance per event loop. `responder` replaces the rule-based
+    replies (BadRequest from it is a 400); None keeps them."""
+
+    def __init__(self, settings: SimSection, seed: int = 0, responder: Responder | None = None):
         self.settings = settings
         self.seed = settings.seed if settings.seed is not None else seed
         self.rng = random.Random(self.seed)
+        self.responder = responder
         self.limiter = RateLimiter(settings.rpm, settings.tpm)
         self.base_url = ""
         self._script: deque[Fault] = deque()
@@ -199,14 +227,26 @@ class SimTeacher:
             rng, phrasing = random.Random(int(req.key[:16], 16) ^ self.seed), None
         else:
             rng = phrasing = self.rng
-        answer = roles.reply(req.system, req.user, json_mode=req.json_mode, rng=rng, phrasing=phrasing,
-                             error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate)
-        text, cut = roles.truncate(answer.text, req.max_tokens)
-        if kind == "length" and not cut:
-            text, cut = roles.truncate(text, max(1, roles.count_tokens(text) // 2))
-        output_tokens = 0 if kind == "no_choices" else roles.count_tokens(text)
+        if self.responder is None:
+            answer = roles.reply(req.system, req.user, json_mode=req.json_mode, rng=rng, phrasing=phrasing,
+                                 error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate)
+            generation = Generation(*roles.truncate(answer.text, req.max_tokens))
+        else:
+            try:
+                generation = await self.responder(req)
+            except BadRequest as err:
+                return self._error(request, req.api, 400, headers, message=str(err))
+        if kind == "length" and not generation.cut:
+            generation = _cut_in_half(generation)
+        text, cut, tokens = generation.text, generation.cut, generation.tokens
+        if kind == "no_choices":
+            output_tokens = 0
+        else:
+            output_tokens = roles.count_tokens(text) if tokens is None else len(tokens)
+        if generation.prompt_tokens is not None:
+            req.prompt_tokens = generation.prompt_tokens
         self._serial += 1
-        body = response_body(req, text, cut, output_tokens, rng, kind, self._serial)
+        body = response_body(req, text, cut, output_tokens, rng, kind, self._serial, tokens=tokens)
         if kind == "slow":
             await asyncio.sleep(fault.seconds if fault and fault.seconds else self.settings.slow_read_s)
         self.billed_requests += 1
@@ -231,6 +271,16 @@ class SimTeacher:
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError  # the connection is gone: nothing more to send
+
+
+def _cut_in_half(generation: Generation) -> Generation:
+    """The scripted "length" fault: half the output tokens, finish_reason length."""
+    if generation.tokens is None:
+        return Generation(*roles.truncate(generation.text, max(1, roles.count_tokens(generation.text) // 2)),
+                          prompt_tokens=generation.prompt_tokens)
+    kept = generation.tokens[: max(1, len(generation.tokens) // 2)]
+    return Generation("".join(t["token"] for t in kept), True, kept, generation.prompt_tokens)
+
 
 @dataclass
 class SimHandle:
@@ -257,9 +307,10 @@ class SimHandle:
 
 
 @contextmanager
-def sim_in_thread(settings: SimSection | None = None, seed: int = 0) -> Iterator[SimHandle]:
+def sim_in_thread(settings: SimSection | None = None, seed: int = 0,
+                  responder: Responder | None = None) -> Iterator[SimHandle]:
     """Serve the sim from a daemon thread (for sync SDKs, subprocesses, benchmarks); stops on exit."""
-    teacher = SimTeacher(settings or SimSection(), seed)
+    teacher = SimTeacher(settings or SimSection(), seed, responder)
     loop = asyncio.new_event_loop()
     started: list[str | BaseException] = []
     ready = threading.Event()
