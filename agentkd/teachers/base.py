@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -217,6 +218,28 @@ def _error_message(body: str) -> str:
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return err["message"][:300]
     return body[:120].replace("\n", " ")
+
+
+REDACTED = "[redacted key]"
+MIN_SECRET_LENGTH = 8  # a placeholder such as "unused" or "x" is no secret, and replacing it would garble text
+
+
+@contextmanager
+def key_redacted(api_key: str | None) -> Iterator[None]:
+    """An adapter's errors leave with the key cut out of their message and body snippet: providers quote a
+    rejected key ("Incorrect API key provided: sk-...") and some proxies' error pages echo request headers,
+    and the gateway stores both. The library exception an error was mapped from (hidden already by
+    `raise ... from None`) is dropped too: the SDKs put the whole error body into their messages."""
+    try:
+        yield
+    except TeacherError as err:
+        if err.__suppress_context__:
+            err.__context__ = None
+        if api_key and len(api_key) >= MIN_SECRET_LENGTH:
+            err.args = tuple(a.replace(api_key, REDACTED) if isinstance(a, str) else a for a in err.args)
+            if err.snippet is not None:
+                err.snippet = err.snippet.replace(api_key, REDACTED)
+        raise
 
 
 RATE_LIMIT_HEADER_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after", "x-should-retry")

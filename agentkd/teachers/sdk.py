@@ -21,6 +21,7 @@ from agentkd.teachers.base import (
     TeacherReply,
     TeacherRequest,
     error_for_status,
+    key_redacted,
     rate_limit_headers,
 )
 from agentkd.teachers.wire import (
@@ -37,14 +38,16 @@ class OpenAISDKTeacher:
         self.provider = provider
         # The SDK insists on a key; local servers (vLLM, Ollama, the sim) accept any.
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+        self._api_key = api_key  # only to cut it out of error text (key_redacted)
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
         body = openai_body(request, self.provider)
-        with _mapped_errors(openai, timeout_s):
-            raw = await self._client.chat.completions.with_raw_response.create(
-                **body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
-            data = _as_dict(raw.parse(), raw.headers)
-        reply = parse_openai(data, "")
+        with key_redacted(self._api_key):
+            with _mapped_errors(openai, timeout_s):
+                raw = await self._client.chat.completions.with_raw_response.create(
+                    **body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
+                data = _as_dict(raw.parse(), raw.headers)
+            reply = parse_openai(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("x-request-id") or data.get("id")
         return reply
@@ -57,16 +60,19 @@ class AnthropicSDKTeacher:
     def __init__(self, *, base_url: str, api_key: str | None) -> None:
         self.provider = "anthropic"
         self._client = anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+        self._api_key = api_key  # only to cut it out of error text (key_redacted)
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
         body = anthropic_body(request)
         # anthropic 2.x has no temperature parameter on messages.create; the API still takes it.
         extra_body = {"temperature": body.pop("temperature")}
-        with _mapped_errors(anthropic, timeout_s):
-            raw = await self._client.messages.with_raw_response.create(
-                **body, extra_body=extra_body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
-            data = _as_dict(await raw.parse(), raw.headers)
-        reply = parse_anthropic(data, "")
+        with key_redacted(self._api_key):
+            with _mapped_errors(anthropic, timeout_s):
+                raw = await self._client.messages.with_raw_response.create(
+                    **body, extra_body=extra_body, timeout=timeout_s,
+                    extra_headers={REQUEST_KEY_HEADER: request.key})
+                data = _as_dict(await raw.parse(), raw.headers)
+            reply = parse_anthropic(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("request-id") or data.get("id")
         return reply

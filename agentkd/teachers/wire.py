@@ -21,6 +21,7 @@ from agentkd.teachers.base import (
     TeacherReply,
     TeacherRequest,
     error_for_status,
+    key_redacted,
     rate_limit_headers,
 )
 
@@ -45,6 +46,7 @@ class WireTeacher:
             self._headers["anthropic-version"] = ANTHROPIC_VERSION
             if api_key:
                 self._headers["x-api-key"] = api_key
+        self._api_key = api_key  # only to cut it out of error text (key_redacted); it is sent in the headers
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
@@ -65,6 +67,10 @@ class WireTeacher:
         return anthropic_body(request)
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
+        with key_redacted(self._api_key):
+            return await self._complete(request, timeout_s)
+
+    async def _complete(self, request: TeacherRequest, timeout_s: float) -> TeacherReply:
         payload = json.dumps(self.body(request), ensure_ascii=False).encode("utf-8")
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
