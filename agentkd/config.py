@@ -67,6 +67,20 @@ class SimSection(Section):
     referee_prose_rate: float = Field(
         0.0, ge=0, le=1, description="Share of referee replies with prose before the JSON (parser tests)."
     )
+    # Teacher output that is no usable data (RELIABILITY.md 21-23). Each is decided by a hash of the
+    # prompt's data blocks, so a prompt is faulted alike in every run and on a re-ask.
+    referee_unparseable_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of referee replies with no usable scores (either order)."
+    )
+    referee_one_order_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of judged pairs whose referee reply is unusable in exactly one order."
+    )
+    generator_bad_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of generator replies that are not one instruction object."
+    )
+    explainer_no_label_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of explainer replies without a label."
+    )
 
 
 class TeacherSection(Section):

@@ -7,14 +7,22 @@ plain prompt alike, a new problem of the seed's kind, steps and digits); input +
 explainer (label only when the prompt outside the blocks asks for no reason, like prompts/labeler.md;
 worked examples outside the blocks, as in prompts/explainer_6shot.md, change nothing); otherwise
 answerer, whose instruction is the `instruction` block or, without blocks, the whole last user message.
+
+Output faults (SimSection.referee_unparseable_rate, referee_one_order_rate, generator_bad_rate,
+explainer_no_label_rate): replies that are no usable data, each form one that its parser must reject.
+Whether a reply is faulted is a hash of its data blocks, not a draw: the same prompt is faulted alike in
+every run, on a re-ask and whatever the order of concurrent requests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from dataclasses import dataclass
+
+from agentkd.config import SimSection
 
 from agentkd.teachers.sim.world import (
     KINDS,
@@ -73,27 +81,77 @@ class Reply:
 
 def reply(
     system: str, user: str, *, json_mode: bool, rng: random.Random, phrasing: random.Random | None,
-    error_rate: float, prose_rate: float = 0.0,
+    error_rate: float, prose_rate: float = 0.0, output_faults: SimSection | None = None,
 ) -> Reply:
-    """The sim teacher's reply. rng decides errors and new problems; phrasing (None: canonical) the wording."""
+    """The sim teacher's reply. rng decides errors and new problems; phrasing (None: canonical) the wording;
+    output_faults (the [sim] section) the shares of unusable replies."""
     blocks, outside = data_blocks(user)
     system_blocks, system_outside = data_blocks(system)
     blocks = {**system_blocks, **blocks}
     outside = f"{system_outside}\n{outside}"
+    faults = output_faults or NO_OUTPUT_FAULTS
     if "answer_a" in blocks and "answer_b" in blocks:
+        if _referee_faulted(blocks, faults):
+            return Reply("referee", _pick(UNPARSEABLE_JUDGMENTS, "form", *blocks.values()))
         return Reply("referee", _referee(blocks, rng, error_rate, prose_rate))
     if "seed_instruction" in blocks:
         easy = bool(_RARER.search(outside))
-        return Reply("generator", _generator(blocks["seed_instruction"], easy, rng))
+        text = _generator(blocks["seed_instruction"], easy, rng)
+        if faults.generator_bad_rate and _share("generator", user) < faults.generator_bad_rate:
+            text = _pick(bad_generations(json.loads(text)["instruction"]), "form", user)
+        return Reply("generator", text)
     if "input" in blocks and "labels" in blocks:
         if "label" in blocks:
             return Reply("explainer_given_label", _explain_given(blocks, json_mode, phrasing))
+        if faults.explainer_no_label_rate and _share("explainer", blocks["input"]) < faults.explainer_no_label_rate:
+            return Reply("explainer", json.dumps({"rationale": NO_LABEL_REASON}) if json_mode
+                         else f"Reason: {NO_LABEL_REASON}")
         text = _explain(blocks["input"], json_mode, rng, phrasing, error_rate)
         if not _REASON.search(outside) and not json_mode:
             text = text.split("\n", 1)[0]  # a label-only prompt gets only the label line, as a model would
         return Reply("explainer", text)
     instruction = blocks.get("instruction", user if not blocks else "")
     return Reply("answerer", _answer(instruction, json_mode, rng, phrasing, error_rate))
+
+
+NO_OUTPUT_FAULTS = SimSection()
+# Referee replies with no usable pair of scores: prose without numbers, JSON with unusable values, NaN,
+# the wrong scale and out of range.
+UNPARSEABLE_JUDGMENTS = (
+    "Both answers have their merits; I would rather not put a number on either of them.",
+    '{"comparison": "The answers reach different numbers.", "score_a": "eight-ish", "score_b": null}',
+    "Score A: NaN\nScore B: NaN",
+    "Score A: 8/100\nScore B: 11",
+)
+NO_LABEL_REASON = "I am not sure which quantity the question asks for, so I will not commit to one."
+
+
+def bad_generations(instruction: str) -> tuple[str, ...]:
+    """Generator replies that are not one instruction object: a list, an object without the field, a
+    field that is not a string, and the prompt's own label echoed."""
+    return (json.dumps([instruction, instruction]), json.dumps({"question": instruction}),
+            json.dumps({"instruction": [instruction]}), f"Here is a new instruction: {instruction}")
+
+
+def _share(*parts: str) -> float:
+    """A stable draw in [0, 1) from the texts (sha256): the same prompt gets the same fault."""
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _pick(options: tuple[str, ...], *parts: str) -> str:
+    return options[int(_share(*parts) * len(options))]
+
+
+def _referee_faulted(blocks: dict[str, str], faults: SimSection) -> bool:
+    """Unusable in this order: by the per-reply share, or as the one missing order of a faulted pair (the
+    pair is the instruction with its two answers in either order; the order with the lesser answer first
+    is the one that fails)."""
+    instruction, a, b = blocks.get("instruction", ""), blocks["answer_a"], blocks["answer_b"]
+    if faults.referee_unparseable_rate and _share("referee", instruction, a, b) < faults.referee_unparseable_rate:
+        return True
+    return bool(faults.referee_one_order_rate) and a <= b and (
+        _share("one order", instruction, *sorted((a, b))) < faults.referee_one_order_rate)
 
 
 def _answer(instruction: str, json_mode: bool, rng: random.Random, phrasing: random.Random | None,

@@ -229,7 +229,8 @@ class SimTeacher:
             rng = phrasing = self.rng
         if self.responder is None:
             answer = roles.reply(req.system, req.user, json_mode=req.json_mode, rng=rng, phrasing=phrasing,
-                                 error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate)
+                                 error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate,
+                                 output_faults=self.settings)
             generation = Generation(*roles.truncate(answer.text, req.max_tokens))
         else:
             try:
