@@ -10,6 +10,8 @@ DuckDB connection itself is store_db.Database.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,11 @@ from agentkd.store_schema import COLUMN_SETS, COLUMNS, SCHEMA, VIEWS, StoreError
 __all__ = ["COLUMNS", "SCHEMA", "VIEWS", "Store", "StoreError", "StoreLockedError"]
 
 _FLUSH_BATCH = 2_000
+# A test hook for "no acknowledged row is lost" (RELIABILITY.md 17): with AGENTKD_TEST_KILL_AFTER_ACKS=N
+# the process SIGKILLs itself the moment it acknowledges its N-th write, wherever the writer does that,
+# so a crash test can check that every acknowledged row was committed without racing a kill against it.
+_KILL_AFTER_ACKS = int(os.environ.get("AGENTKD_TEST_KILL_AFTER_ACKS") or 0)
+_acks = 0
 
 
 def _resolve(items: list, error: BaseException | None) -> None:
@@ -28,8 +35,17 @@ def _resolve(items: list, error: BaseException | None) -> None:
         if future is not None and not future.done():
             if error is None:
                 future.set_result(None)
+                if _KILL_AFTER_ACKS:
+                    _count_ack()
             else:
                 future.set_exception(error)
+
+
+def _count_ack() -> None:
+    global _acks
+    _acks += 1
+    if _acks >= _KILL_AFTER_ACKS:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _to_tuple(table: str, row: Mapping[str, Any]) -> tuple:
