@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -56,3 +57,40 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             count += 1
     os.replace(tmp, path)
     return count
+
+
+class JsonlAppender:
+    """Rows appended to a JSONL file as they come, in batches: one write for the rows of each batch,
+    at the latest `delay_s` after the first of them. A written line is in the OS's page cache, so
+    kill -9 of this process does not lose it."""
+
+    def __init__(self, path: str | Path, *, delay_s: float = 0.2) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pending: list[str] = []
+        self._delay_s = delay_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._pending.append(json.dumps(row, ensure_ascii=False) + "\n")
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self._fd is None:
+            return
+        data = "".join(self._pending).encode("utf-8")
+        self._pending.clear()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -13,7 +13,7 @@ import asyncio
 import os
 import signal
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Store:
         self._queue: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self.failure: StoreError | None = None
+        # Called on the event loop just before each batch goes to the database: a file that must hold
+        # at least what the store holds (teach's --output) writes its pending lines there.
+        self.before_commit: list[Callable[[], None]] = []
 
     # ---- writing -----------------------------------------------------------------------------
     def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -138,6 +141,7 @@ class Store:
             for table, rows, _ in items:
                 batch[table].extend(rows)
             try:
+                self._before_commit()
                 await asyncio.to_thread(self._flush, batch)
             except StoreError as err:
                 _resolve(items, err)
@@ -145,6 +149,14 @@ class Store:
                 _resolve(items, None)
             if stop:
                 return
+
+    def _before_commit(self) -> None:
+        try:
+            for hook in self.before_commit:
+                hook()
+        except Exception as err:  # e.g. the output file's disk is full: stop as for a failed write
+            self.failure = StoreError(f"{self.path}: not committing: {type(err).__name__}: {err}")
+            raise self.failure from None
 
     async def close(self) -> None:
         """Drain the queue, stop the writer, checkpoint and close the file."""

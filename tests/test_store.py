@@ -103,6 +103,35 @@ async def test_a_failed_enqueued_batch_fails_the_next_write(tmp_path):
     await store.close()
 
 
+async def test_before_commit_hooks_run_before_each_batch_is_committed(tmp_path):
+    """teach's --output writes its pending lines there: no row queued later is durable before them."""
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    seen: list[int] = []
+    store.before_commit.append(lambda: seen.append(store.count("metrics")))
+    for i in range(3):
+        await store.write("metrics", {"iteration": 0, "name": "m", "value": float(i)})
+    assert seen == [0, 1, 2]
+    await store.close()
+
+
+async def test_a_failing_before_commit_hook_fails_the_batch_and_stops_writes(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+
+    def disk_full() -> None:
+        raise OSError(28, "No space left on device")
+
+    store.before_commit.append(disk_full)
+    with pytest.raises(StoreError, match="No space left"):
+        await store.write("metrics", {"iteration": 0, "name": "m", "value": 1.0})
+    assert store.failure is not None and store.count("metrics") == 0
+    with pytest.raises(StoreError):
+        await store.write("metrics", {"iteration": 0, "name": "m", "value": 2.0})
+    store.before_commit.clear()
+    await store.close()
+
+
 async def test_unknown_column_is_rejected_before_queueing(tmp_path):
     store = Store(tmp_path / "run.duckdb")
     await store.start()
