@@ -125,7 +125,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         rate = args.rationale_rate if args.rationale_rate is not None else config.loop.rationale_rate
         summary = asyncio.run(teach(config, args.role, args.input, args.output, rationale_rate=rate,
                                     mode=args.mode, show_progress=not args.no_progress, console=console))
-        print(summary.line(config.budget.usd))
+        print(summary.line())
         if args.role == "explainer":
             _print_kshot(config, args.input)
         return EXIT_OK

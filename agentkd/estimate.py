@@ -2,7 +2,9 @@
 
 Input tokens are estimated per request exactly as the gateway reserves them; output is bounded by each
 role's max_tokens, so the USD figure is a range: input only .. worst case (what the budget reserves).
-Requests already answered in the run's database cost nothing and are counted apart.
+Requests already answered in the run's database cost nothing and are counted apart, and what the
+run has already spent (settled, and what an interrupted session may have been billed) is shown against
+the cap, which is cumulative over the run.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from agentkd.budget import Usage, cost_usd
+from agentkd.budget import Budget, Usage, cost_usd
 from agentkd.config import ConfigError, RoleOverride, RunConfig
 from agentkd.datasets import read_jsonl
+from agentkd.ledger import PriorSpend, prior_spend, spend_text
 from agentkd.roles.requests import RolePrompts
 from agentkd.roles.template import builtin_prompts_dir
 from agentkd.store import Store
@@ -41,10 +44,10 @@ def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: flo
 def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale_rate: float,
              mode: str = "hard") -> str:
     if input_path is None:
-        return _loop_estimate(config)
+        return "\n".join([_loop_estimate(config), *_budget_lines(config, _stored(config)[1], None)])
     prompts = RolePrompts(config)
     rows = read_jsonl(input_path, REQUIRED_FIELDS[role])
-    stored = _stored_keys(config)
+    stored, prior = _stored(config)
     calls = cached = input_tokens = max_output = 0
     usd_low = usd_high = 0.0
     estimators = set()
@@ -68,10 +71,22 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
         f"  output tokens:        at most {max_output:,}",
         f"  USD:                  ${usd_low:.4f} (input) .. ${usd_high:.4f} (worst case, what the budget reserves)",
     ]
-    if config.budget.usd is not None:
-        verdict = "fits" if usd_high <= config.budget.usd else "may not fit"
-        lines.append(f"  budget:               ${config.budget.usd:g}: the worst case {verdict}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_budget_lines(config, prior, usd_high)])
+
+
+def _budget_lines(config: RunConfig, prior: PriorSpend, worst_usd: float | None) -> list[str]:
+    """The run's spend so far against the cap, and whether `worst_usd` more fits in what is left."""
+    budget = Budget(usd=config.budget.usd, tokens=config.budget.tokens, price_of=config.price)
+    budget.restore(usd=prior.usd, tokens=prior.tokens)
+    lines = []
+    if prior.usd > 0 or prior.interrupted:
+        lines.append(f"  run so far:           {spend_text(budget, prior)}")
+    if config.budget.usd is not None and worst_usd is not None:
+        left = max(config.budget.usd - prior.usd, 0.0)
+        verdict = "fits" if worst_usd <= left + 1e-12 else "may not fit"
+        room = f" (${left:.4f} left)" if prior.usd > 0 else ""
+        lines.append(f"  budget:               ${config.budget.usd:g}{room}: the worst case {verdict}")
+    return lines
 
 
 EXPLAINER_PROMPT_FILES = {"zero_shot": "explainer.md", "six_shot": "explainer_6shot.md"}
@@ -103,13 +118,14 @@ def _with_explainer_prompt(config: RunConfig, path: Path) -> RunConfig:
     return config.model_copy(update={"roles": roles})
 
 
-def _stored_keys(config: RunConfig) -> set[str]:
+def _stored(config: RunConfig) -> tuple[set[str], PriorSpend]:
+    """Request keys already answered in the run's database, and what the run has spent so far."""
     path = config.run_dir / "agentkd.duckdb"
     if not path.exists():
-        return set()
+        return set(), PriorSpend()
     store = Store(path, read_only=True)
     try:
-        return store.ok_call_keys()
+        return store.ok_call_keys(), prior_spend(store)
     finally:
         store.close_sync()
 

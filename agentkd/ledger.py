@@ -241,10 +241,13 @@ def spent_in_store(store: Store) -> tuple[float, int]:
     return prior.usd, prior.tokens
 
 
-def spend_text(budget: Budget, prior: PriorSpend) -> str:
+def spend_text(budget: Budget, prior: PriorSpend, *, short: bool = False) -> str:
     """The run's cumulative spend against the cap: settled, and what an interrupted session may have
-    been billed for the calls it had in flight (both count against the cap)."""
+    been billed for the calls it had in flight (both count against the cap). `short`: for a progress bar."""
     settled = budget.settled_usd - prior.unsettled_usd
+    if short:
+        extra = f" +${prior.unsettled_usd:.4f} interrupted" if prior.interrupted else ""
+        return f"${settled:.4f}{extra}" + (f"/${budget.cap_usd:g}" if budget.cap_usd is not None else "")
     cap = f" of ${budget.cap_usd:g}" if budget.cap_usd is not None else ""
     text = f"${settled:.4f}{cap}"
     if prior.interrupted:

@@ -1,7 +1,10 @@
 """`agentkd teach`: one role over a JSONL dataset through the gateway, resumable, with live cost.
 
 Every answered call is in the run's DuckDB file, so a re-run (after Ctrl-C, a crash or a budget stop)
-pays nothing for rows already answered and writes the full output again.
+pays nothing for rows already answered and writes the full output again. While it runs, the output
+file gains each row as it is answered (written before the store commits anything queued after it, so
+kill -9 leaves at least the rows whose results the store holds); at the end it is rewritten in input
+order.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 from rich.console import Console
 
 from agentkd.config import ConfigError, RunConfig
-from agentkd.datasets import read_jsonl, write_jsonl
+from agentkd.datasets import JsonlAppender, read_jsonl, write_jsonl
 from agentkd.dedup import InstructionIndex, instruction_id
+from agentkd.ledger import spend_text
 from agentkd.roles import calls
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
@@ -39,20 +43,22 @@ class TeachSummary:
     failed: Counter = field(default_factory=Counter)
     parse_failures: int = 0
     deferred: int = 0
-    usd: float = 0.0
+    usd: float = 0.0  # what this session settled
+    run_spend: str = ""  # the run's cumulative spend against the cap (ledger.spend_text)
+    resumed: bool = False  # earlier sessions of the run had spent something
     input_tokens: int = 0
     output_tokens: int = 0
     cache_hits: int = 0
     rate_limited: int = 0
     seconds: float = 0.0
 
-    def line(self, budget_usd: float | None) -> str:
-        cap = f" of ${budget_usd:g}" if budget_usd is not None else ""
+    def line(self) -> str:
+        spend = f"${self.usd:.4f} this session; run: {self.run_spend}" if self.resumed else self.run_spend
         failed = sum(self.failed.values())
         classes = f" ({', '.join(f'{k}: {v}' for k, v in self.failed.items())})" if failed else ""
         rps = (self.done + failed) / self.seconds if self.seconds else 0.0
         return (f"{self.role}: {self.done}/{self.total} done, {failed} failed{classes}, "
-                f"{self.parse_failures} parse failures, {self.deferred} deferred | ${self.usd:.4f}{cap} | "
+                f"{self.parse_failures} parse failures, {self.deferred} deferred | {spend} | "
                 f"{self.input_tokens:,} in + {self.output_tokens:,} out tokens | {rps:.1f} rows/s | "
                 f"429s: {self.rate_limited} | answered from the store: {self.cache_hits}")
 
@@ -73,7 +79,6 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
 
     def account(*completions) -> None:
         for c in completions:
-            summary.usd += c.cost_usd
             if not c.from_cache:
                 summary.input_tokens += c.input_tokens
                 summary.output_tokens += c.output_tokens
@@ -146,15 +151,27 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
     summary = TeachSummary(role=role, total=len(rows))
     results: dict[int, dict[str, Any]] = {}
     started = time.monotonic()
-    async with teacher_session(config) as session:
+    console = console or Console(stderr=True)
+    async with teacher_session(config, console=console) as session:
         handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
                            tau=config.loop.tau)
+        live = JsonlAppender(output_path)
+        # Before each commit: so no later store row (a row's own side rows included) is durable before it.
+        session.store.before_commit.append(live.flush)
+
+        async def answer(index: int) -> dict[str, Any]:
+            added = await handle(rows[index])
+            live.add({**rows[index], **added})  # no await since the handler queued its rows
+            return added
+
         outcome: PoolOutcome = PoolOutcome()
         try:
-            await run_all(rows, handle, gateway=session.gateway, label=role, outcome=outcome,
-                          concurrency=config.limits.max_concurrency, console=console or Console(stderr=True),
+            await run_all(range(len(rows)), answer, gateway=session.gateway, label=role, outcome=outcome,
+                          concurrency=config.limits.max_concurrency, console=console,
                           show_progress=show_progress)
         finally:
+            session.store.before_commit.remove(live.flush)
+            live.close()
             summary.done = len(outcome.results)
             summary.failed = outcome.failure_classes
             summary.deferred = outcome.deferred
@@ -163,6 +180,10 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
             summary.seconds = time.monotonic() - started
             summary.cache_hits = session.gateway.stats.cache_hits
             summary.rate_limited = session.gateway.stats.rate_limited
+            budget, prior = session.gateway.budget, session.gateway.prior
+            summary.usd = budget.settled_usd - budget.restored_usd
+            summary.run_spend = spend_text(budget, prior)
+            summary.resumed = prior.usd > 0 or prior.interrupted > 0
             # Rows in input order; rows not reached are left out and a re-run completes them.
             write_jsonl(output_path, (results[i] for i in sorted(results)))
     return summary

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agentkd.budget import BudgetExhausted
 from agentkd.gateway import CallFailed, Gateway, SendingStopped
+from agentkd.ledger import spend_text
 from agentkd.retry import Deferred
 from agentkd.store import StoreError
 from agentkd.teachers.base import TeacherError
@@ -79,8 +80,7 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
         nonlocal remaining
         remaining -= 1
         elapsed = max(time.monotonic() - started, 1e-9)
-        cap = f"/${budget.cap_usd:g}" if budget.cap_usd is not None else ""
-        progress.update(task_id, advance=1, spend=f"${budget.settled_usd:.4f}{cap}",
+        progress.update(task_id, advance=1, spend=spend_text(budget, gateway.prior, short=True),
                         rate=f"{(gateway.stats.sent - sent_before) / elapsed:.1f} req/s",
                         limited=gateway.stats.rate_limited)
         if on_done is not None:

@@ -341,6 +341,49 @@ async def test_read_timeout_settles_at_the_reservation_then_retries(tmp_path, ri
     assert attempts(store)[0] == (1, None, "ReadTimeout")
 
 
+# ---- the ledger agrees with the calls table: only ambiguous attempts are charged beyond their cost -----
+def settled_vs_calls(store: Store) -> tuple[float, float, float]:
+    """(ledger's settled spend, sum of calls.cost_usd, reservations of the ambiguous attempts)."""
+    return store.query(
+        "SELECT (SELECT coalesce(sum(usd), 0) FROM reservations WHERE event = 'settle'), "
+        "(SELECT coalesce(sum(cost_usd), 0) FROM calls), "
+        "(SELECT coalesce(sum(reserved_usd), 0) FROM reservations WHERE event = 'settle' "
+        " AND error_class = 'MalformedResponse')")[0]
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_a_fault_free_run_settles_exactly_what_the_calls_cost(tmp_path, rigs, kind):
+    rig = await rigs(tmp_path, kind, usd=1.0)
+    await asyncio.gather(*(rig.gateway.complete(rig.request()) for _ in range(6)))
+    store = await rig.finish()
+    settled, cost, ambiguous = settled_vs_calls(store)
+    assert cost > 0 and ambiguous == 0 and settled == pytest.approx(cost, abs=1e-12)
+    store.close_sync()
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+async def test_complete_error_responses_settle_at_zero_and_truncated_bodies_at_the_reservation(tmp_path, rigs,
+                                                                                           kind):
+    """500 and 429 with a body were not billed: 0. A truncated body may have been: its reservation. The
+    ledger exceeds the calls table by exactly the truncated attempts' reservations."""
+    rig = await rigs(tmp_path, kind, usd=1.0, max_attempts=8)
+    rig.sim.script([{"status": 500}, {"status": 429, "headers": {"retry-after": "1"}}, {"kind": "truncated"},
+                    {"status": 500}, {"kind": "truncated"}, {"status": 429, "headers": {"retry-after": "1"}}])
+    for _ in range(3):
+        await rig.gateway.complete(rig.request())
+    store = await rig.finish()
+    closes = store.query("SELECT status_code, error_class, event, usd, reserved_usd FROM reservations "
+                         "WHERE event IN ('settle', 'release') ORDER BY created_at")
+    errors = [(status, event, usd) for status, _, event, usd, _ in closes if status in (429, 500)]
+    assert sorted(errors) == [(429, "release", 0.0)] * 2 + [(500, "release", 0.0)] * 2
+    truncated = [(event, usd, reserved) for _, cls, event, usd, reserved in closes if cls == "MalformedResponse"]
+    assert len(truncated) == 2 and all(event == "settle" and usd == reserved > 0 for event, usd, reserved in truncated)
+    settled, cost, ambiguous = settled_vs_calls(store)
+    assert ambiguous == pytest.approx(sum(usd for _, usd, _ in truncated))
+    assert settled - cost == pytest.approx(ambiguous, abs=1e-12)
+    store.close_sync()
+
+
 # ---- 11, 13: broken bodies -------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", TRANSPORTS)
 @pytest.mark.parametrize("fault", ["drop", "truncated", "html"])
