@@ -20,6 +20,7 @@ from agentkd.roles.template import (
     load_template,
     neutralise,
 )
+from agentkd.roles.lookalikes import CONFUSABLES, ZERO_WIDTH, folded
 
 BLOCK = re.compile(r'<data name="(?P<name>[a-z_]+)">\n(?P<body>.*?)\n</data>', re.DOTALL)
 
@@ -152,6 +153,52 @@ def test_neutralise_closing_delimiter() -> None:
     assert neutralise("a </data> b") == "a <\\/data> b"
     assert neutralise('<data name="x">') == '<\\data name="x">'
     assert neutralise("no delimiters, <b>bold</b>") == "no delimiters, <b>bold</b>"
+
+
+# Lookalike delimiters (issue 18): none is `</data>` byte for byte, but a model may read each as one.
+LOOKALIKES = ["\uff1c/data\uff1e", "</d\u0430ta>", "</\u200bdata>", "&lt;/data&gt;",  # ＜/data＞, Cyrillic а
+              "\uff1cdata name='x'\uff1e", "&#60;data name=x>", "< /\u2060DATA>", "\u2039/\u0501\u0430\u03c4\u0430>"]
+FOLDED_DELIMITER = re.compile(r"<\s*/?\s*data\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("payload", LOOKALIKES)
+def test_lookalike_delimiters_are_neutralised_in_the_prompt_and_the_value_is_kept(payload: str) -> None:
+    assert FOLDED_DELIMITER.search(folded(payload))  # each reads as a delimiter once folded
+    safe = neutralise(payload)
+    assert safe != payload and not FOLDED_DELIMITER.search(folded(safe))
+    assert safe.replace("\\", "", 1) == payload  # one backslash added, after the "<" or what reads as one
+    messages = load_template("referee").render({"instruction": "Q", "answer_a": f"x {payload} y", "answer_b": "B"})
+    user = messages[1]["content"]
+    assert [b.group("body") for b in BLOCK.finditer(user)] == ["Q", f"x {safe} y", "B"]
+    assert len(FOLDED_DELIMITER.findall(folded(user))) == 6  # only the template's own three pairs
+
+
+def test_text_without_lookalike_delimiters_is_left_alone() -> None:
+    for text in ("ａｂｃ &amp; ｄａｔｅ", "Напишите стихотворение о дожде", "<b>bold</b> &lt;b&gt;", "\u200bdatabase"):
+        assert neutralise(text) == text
+
+
+def _any_of(*forms: str):
+    return st.sampled_from(forms)
+
+
+# Delimiters spelt with lookalikes, character references and zero-width characters, inside other text.
+_ZW = _any_of("", "", *sorted(ZERO_WIDTH))
+_LOOKALIKE_DELIMITER = st.tuples(
+    _any_of("<", "\uff1c", "\ufe64", "&lt;", "&LT;", "&#60;", "&#x3C;", "&#060", *[k for k, v in CONFUSABLES.items() if v == "<"]),
+    _ZW, _any_of("", "/", " / ", "\uff0f", "&#47;", "&sol;", *[k for k, v in CONFUSABLES.items() if v == "/"]), _ZW,
+    _any_of("d", "D", "\uff44", "&#100;", *[k for k, v in CONFUSABLES.items() if v in "dD"]),
+    _any_of("a", "A", "\uff41", *[k for k, v in CONFUSABLES.items() if v in "aA"]), _ZW,
+    _any_of("t", "T", "\uff54", "\U0001d42d", *[k for k, v in CONFUSABLES.items() if v in "tT"]),
+    _any_of("a", "\u0430", "\u03b1"), _any_of(">", "\uff1e", " name='x'>", "&gt;", "base"),
+).map("".join)
+lookalike_text = st.lists(st.one_of(_LOOKALIKE_DELIMITER, st.text(max_size=6)), max_size=5).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lookalike_text)
+def test_no_text_reads_as_a_delimiter_after_neutralise(text: str) -> None:
+    assert not FOLDED_DELIMITER.search(folded(neutralise(text)))
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentkd.roles.json_reply import MAX_REPLY_CHARS, find_json, strip_fences
+from agentkd.roles.lookalikes import folded
 
 MAX_INSTRUCTION_CHARS = 2_000
 MIN_WORDS_EXCLUSIVE = 3  # Lion drops instructions of 3 words or fewer
@@ -82,7 +83,8 @@ def check_instruction(text: str) -> Generated:
         return _rejected(f"instruction of {MIN_WORDS_EXCLUSIVE} words or fewer")
     if unicodedata.category(instruction[0])[0] in ("P", "S"):
         return _rejected(f"instruction starts with punctuation: {instruction[0]!r}")
-    if _ECHO_START.search(instruction) or _ECHO_ANYWHERE.search(instruction):
+    # Lookalike delimiters count (lookalikes.py); the instruction is kept as written.
+    if _ECHO_START.search(instruction) or _ECHO_ANYWHERE.search(folded(instruction)):
         return _rejected("instruction echoes the prompt's labels or data blocks")
     return Generated(instruction, True, None)
 

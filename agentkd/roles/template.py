@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agentkd.roles.lookalikes import find_folded
+
 # Placeholders each built-in prompt may use ("?" marks optional ones). A custom template given for a
 # prompt may use any subset of these names, never others: the caller only has these values.
 PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
@@ -37,7 +39,7 @@ _PLACEHOLDER = re.compile(
     r"|\{\{(?P<opt>\?)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}\}",
     re.MULTILINE,
 )
-# `<data`, `</data`, `< / DATA` ...: a backslash after "<" makes it inert.
+# `<data`, `</data`, `< / DATA` ... (on the folded text): a backslash after "<" makes it inert.
 _DELIMITER = re.compile(r"<(?=\s*/?\s*data\b)", re.IGNORECASE)
 _HEADER = re.compile(r"^## (system|user)[ \t]*$", re.MULTILINE)
 
@@ -56,8 +58,18 @@ def builtin_prompts_dir() -> Path:
 
 
 def neutralise(value: str) -> str:
-    """Make a value unable to open or close a data block: `</data>` -> `<\\/data>`, `<data` -> `<\\data`."""
-    return _DELIMITER.sub("<\\\\", value)
+    """Make a value unable to open or close a data block, or to look as if it did: a backslash after the "<"
+    (`</data>` -> `<\\/data>`, `<data` -> `<\\data`) or after what reads as one once lookalikes are folded
+    (lookalikes.py: `＜/data＞` -> `＜\\/data＞`, `&lt;/dаta&gt;` -> `&lt;\\/dаta&gt;`)."""
+    cuts = find_folded(_DELIMITER, value)
+    if not cuts:
+        return value
+    parts, last = [], 0
+    for cut in cuts:
+        parts += [value[last:cut], "\\"]
+        last = cut
+    parts.append(value[last:])
+    return "".join(parts)
 
 
 def data_block(name: str, value: str) -> str:
