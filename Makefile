@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench quality clean
 
 # torch first, from the CPU wheel on disk: letting pip resolve it through peft pulls a CUDA build of
 # several GB (ENVIRONMENT.md).
@@ -33,12 +33,17 @@ lint: setup
 	$(VENV)/bin/ruff check agentkd tests benchmarks
 
 # Each prints what it measured, with its baseline, and a JSON object as its last line.
+# The distillation quality lab (~30 min on 2 cores) is apart: `make quality`.
 bench: setup
 	$(PY) benchmarks/store_write.py
 	$(PY) benchmarks/dedup.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/gateway_ceiling.py
+
+# Do the methods beat plain imitation at equal teacher cost? Rewrites benchmarks/quality.{md,json,png}.
+quality: setup
+	$(PY) benchmarks/distill_quality.py
 
 clean:
 	rm -rf runs/quickstart .pytest_cache
