@@ -108,6 +108,8 @@ def _verdict(target: dict[str, Any]) -> str:
     if "kl_met" in target:
         misses = [what for what, ok in (("KL", target["kl_met"]), ("accuracy", target["accuracy_met"])) if not ok]
         return "**does not beat sft** (" + " and ".join(misses) + " missed)"
+    if target["target"] == "accuracy >= sft's":
+        return "**does not beat sft** (accuracy missed)"
     return "**not met**"
 
 
