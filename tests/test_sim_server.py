@@ -287,6 +287,19 @@ async def test_scripted_drop_is_a_connection_error_and_billed(sim):
     assert sim.stats()["billed_requests"] == 1
 
 
+async def test_stats_count_the_requests_in_flight(sim):
+    """/_stats says how many model requests are being answered (a crash test compares its ledger to it)."""
+    sim.script([{"kind": "slow", "seconds": 0.5}])
+    call = asyncio.create_task(chat(sim))
+    for _ in range(200):
+        if sim.stats()["in_flight"]:
+            break
+        await asyncio.sleep(0.005)
+    assert sim.stats()["in_flight"] == 1 and sim.stats()["requests"] == 1
+    await call
+    assert sim.stats()["in_flight"] == 0
+
+
 async def test_scripted_truncated_body_fails_to_decode(sim):
     sim.script([{"kind": "truncated"}])
     with pytest.raises((json.JSONDecodeError, openai.APIResponseValidationError)):

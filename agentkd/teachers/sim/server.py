@@ -73,6 +73,7 @@ class SimTeacher:
              settings.fault_drop, settings.fault_truncated)
         )
         self._serial = 0
+        self.in_flight = 0  # model requests received and not yet answered (not part of reset())
         self.reset()
 
     def reset(self) -> None:
@@ -89,6 +90,7 @@ class SimTeacher:
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "in_flight": self.in_flight,
             "billed_requests": self.billed_requests,
             "billed_input_tokens": self.billed_input_tokens,
             "billed_output_tokens": self.billed_output_tokens,
@@ -168,6 +170,13 @@ class SimTeacher:
 
     async def _handle(self, request: web.Request, api: str) -> web.StreamResponse:
         self.requests += 1
+        self.in_flight += 1
+        try:
+            return await self._answer(request, api)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, api: str) -> web.StreamResponse:
         fault = self._script.popleft() if self._script else None
         if fault is not None and fault.status is not None:
             if fault.status == 429 and fault.code == "insufficient_quota":
