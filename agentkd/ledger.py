@@ -1,25 +1,24 @@
 """Durable spend cover: before a call is sent, the store holds a record that covers it.
 
 A crash must hide no spend, and should invent little. Each session keeps one figure durable, its
-cover: the level (USD and tokens) its spend may have reached, settled + reserved in flight + a
-headroom H, written as a `cover` row. A call is sent only once a committed level covers it. The
-level follows what is in flight both ways:
-  - raised to exposure + H when a reservation would pass it (that call waits for the commit), or
-    ahead of need when less than H/2 is left (nobody waits);
-  - lowered to exposure + H when more than 2H is unused, in the same commit as the settle row that
-    freed it (nobody waits: until that commit the higher level is the durable one).
+cover: the level (USD and tokens) its spend may have reached, settled + reserved in flight + some
+unused room, written as a `cover` row. A call is sent only once a committed level covers it. The
+level follows what is in flight both ways, within a band [low, high] of unused room:
+  - raised to exposure + target when a reservation would pass it (that call waits for the commit),
+    or ahead of need when less than `low` is left (nobody waits);
+  - lowered to exposure + target when more than `high` is unused, in the same commit as the settle
+    row that freed it (nobody waits: until that commit the higher level is the durable one).
 A clean end writes a `close` row. On resume, a session without one counts at its last committed
 level (at its settled rows, if those are more): the worst case of the calls it had in flight plus
-at most 2H, whatever max_concurrency is.
+at most `high`, whatever max_concurrency is.
 
-H, per capped dimension, is max(the session's largest worst case, 0.5% of the cap), so a crash
-costs at most max(2 worst-case calls, 1% of the cap) beyond the calls in flight. A dimension with
-no cap bounds nothing and takes H = max_concurrency worst cases, so its level is rewritten rarely.
-Under a tight cap the level is rewritten about once per call and a call now and then waits for one
-commit (benchmarks/gateway_overhead.py --budget-usd measures what that costs).
-
-One window is inherent to any record written before a send: a call whose cover has just committed
-counts from that moment, a moment before its request is on the wire.
+Per capped dimension, with w the session's largest worst case and M = max(2w, 1% of the cap) the
+margin a crash may cost beyond the calls in flight: high = M - w, target = high / 2, low = high / 4.
+The w left over is for the one window inherent to any record written before a send: a call whose
+cover has just committed counts from that moment, a moment before its request is on the wire. A
+dimension with no cap bounds nothing: target = max_concurrency x w, so its level is rewritten rarely.
+Under a tight cap (M = 2w) the level is rewritten about once per call and calls often wait for one
+commit; benchmarks/gateway_overhead.py --budget-usd measures what a cap near the spend costs.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ from agentkd.budget import Budget
 from agentkd.store import Store
 
 EPS = 1e-12
-HEADROOM_SHARE = 0.005  # of the cap: lowered past 2H, so a crash counts at most 1% of it unspent
+CAP_SHARE = 0.01  # of the cap: at most this (or two worst cases) counted unspent after a crash
+
+Band = tuple[float, float, float]  # unused room: (low, target, high)
 
 
 class SpendCover:
@@ -54,19 +55,17 @@ class SpendCover:
         return (b.settled_usd + b.reserved_usd - b.restored_usd,
                 b.settled_tokens + b.reserved_tokens - b.restored_tokens)
 
-    def headroom(self) -> tuple[float, int]:
+    def bands(self) -> tuple[Band, Band]:
+        """The unused room a level may keep, in USD and in tokens."""
         b, (worst_usd, worst_tokens) = self.budget, self._worst
-        usd = (max(worst_usd, HEADROOM_SHARE * b.cap_usd) if b.cap_usd is not None
-               else self.max_concurrency * worst_usd)
-        tokens = (max(worst_tokens, int(HEADROOM_SHARE * b.cap_tokens)) if b.cap_tokens is not None
-                  else self.max_concurrency * worst_tokens)
-        return usd, tokens
+        return (_band(b.cap_usd, worst_usd, self.max_concurrency),
+                _band(b.cap_tokens, worst_tokens, self.max_concurrency))
 
     def _wanted(self, usd: float, tokens: int) -> tuple[float, int]:
-        """Exposure + H, never past what the cap leaves this session (never below the exposure)."""
+        """Exposure + target room, never past what the cap leaves this session (never below the exposure)."""
         b = self.budget
-        head_usd, head_tokens = self.headroom()
-        want_usd, want_tokens = usd + head_usd, tokens + head_tokens
+        band_usd, band_tokens = self.bands()
+        want_usd, want_tokens = usd + band_usd[1], tokens + int(band_tokens[1])
         if b.cap_usd is not None:
             want_usd = max(usd, min(want_usd, b.cap_usd - b.restored_usd))
         if b.cap_tokens is not None:
@@ -74,14 +73,14 @@ class SpendCover:
         return want_usd, want_tokens
 
     def _next_level(self) -> tuple[float, int] | None:
-        """The level to write now, or None while the written one is inside its band [H/2, 2H]."""
+        """The level to write now, or None while the written one leaves room inside its band."""
         usd, tokens = self._exposure()
-        head_usd, head_tokens = self.headroom()
+        (low_usd, _, high_usd), (low_tokens, _, high_tokens) = self.bands()
         want = self._wanted(usd, tokens)
         slack_usd, slack_tokens = self.level[0] - usd, self.level[1] - tokens
-        raise_ = ((slack_usd < head_usd / 2 and want[0] > self.level[0] + EPS)
-                  or (slack_tokens < head_tokens / 2 and want[1] > self.level[1]))
-        lower = slack_usd > 2 * head_usd + EPS or slack_tokens > 2 * head_tokens
+        raise_ = ((slack_usd < low_usd and want[0] > self.level[0] + EPS)
+                  or (slack_tokens < low_tokens and want[1] > self.level[1]))
+        lower = slack_usd > high_usd + EPS or slack_tokens > high_tokens
         return want if raise_ or lower else None
 
     async def cover(self, worst_usd: float, worst_tokens: int) -> None:
@@ -154,6 +153,14 @@ class SpendCover:
              in_flight: int) -> dict[str, Any]:
         return {"reservation_id": reservation_id, "key": None, "event": event, "usd": usd, "tokens": tokens,
                 "session": self.session, "in_flight": in_flight}
+
+
+def _band(cap: float | None, worst: float, max_concurrency: int) -> Band:
+    if cap is None:
+        target = max_concurrency * worst
+        return target / 2, target, 2 * target
+    high = max(2 * worst, CAP_SHARE * cap) - worst
+    return high / 4, high / 2, high
 
 
 class PriorSpend(NamedTuple):
