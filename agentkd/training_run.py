@@ -60,9 +60,17 @@ def examples_from_store(store: Store, *, iteration: int | None = None, up_to: bo
 
 
 def _top_logprobs(raw: str | None) -> list[list[tuple[str, float]]] | None:
+    """Per output token: the SAMPLED token first (with its logprob), then the provider's other top
+    alternatives. Providers rank `top` by probability, so the sampled token is often not top[0] (or not
+    in `top` at all); evidence alignment reads position[0] as what was actually emitted."""
     if not raw:
         return None
-    return [[(str(t), float(lp)) for t, lp in item.get("top") or []] for item in json.loads(raw)]
+    out = []
+    for item in json.loads(raw):
+        token, logprob = str(item.get("token") or ""), item.get("logprob")
+        alternatives = [(str(t), float(lp)) for t, lp in item.get("top") or [] if str(t) != token and lp is not None]
+        out.append([(token, float(logprob if logprob is not None else 0.0)), *alternatives])
+    return out
 
 
 def teacher_corpus(store: Store) -> list[str]:

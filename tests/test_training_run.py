@@ -72,3 +72,19 @@ def test_agentkd_train_on_stored_sim_data_beats_the_untrained_student(tmp_path, 
         torch.set_num_threads(threads)
     print(f"held-out accuracy: untrained {untrained:.1%} -> after `agentkd train` {trained:.1%}")
     assert trained >= untrained + 0.20
+
+
+def test_stored_logprobs_put_the_sampled_token_first_even_when_the_provider_ranked_it_lower(tmp_path):
+    # OpenAI and vLLM rank top_logprobs by probability: at temperature 0.7 the sampled token is often
+    # second, or missing. Evidence alignment reads position[0] as the emitted token.
+    store = Store(tmp_path / "run.duckdb")
+    logprobs = [{"token": " 7", "logprob": -1.2, "top": [[" 8", -0.4], [" 7", -1.2], [" 9", -2.0]]},
+                {"token": ".", "logprob": -0.01, "top": [[" and", -5.0]]}]
+    store.append_now("instructions", [{"id": "a", "text": "q1", "source": "seed", "iteration": 1, "pool": "train"}])
+    store.append_now("responses", [{"instruction_id": "a", "actor": "teacher", "iteration": 1, "text": " 7.",
+                                    "call_key": "k"}])
+    store.append_now("calls", [{"key": "k", "role": "answerer", "status": "ok", "response_text": " 7.",
+                                "logprobs_json": json.dumps(logprobs)}])
+    (example,) = examples_from_store(store)
+    store.close_sync()
+    assert example.teacher_top_logprobs == [[(" 7", -1.2), (" 8", -0.4), (" 9", -2.0)], [(".", -0.01), (" and", -5.0)]]
