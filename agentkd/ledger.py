@@ -48,6 +48,7 @@ class SpendCover:
         self._committed: tuple[float, int] = (0.0, 0)
         self._pending: deque[tuple[asyncio.Future, tuple[float, int]]] = deque()  # FIFO, like the writer
         self._worst: tuple[float, int] = (0.0, 0)  # the largest worst case reserved by this session
+        self._bands = self.bands()  # recomputed when the largest worst case grows
 
     def _exposure(self) -> tuple[float, int]:
         """What this session has spent or may be spending now."""
@@ -64,7 +65,7 @@ class SpendCover:
     def _wanted(self, usd: float, tokens: int) -> tuple[float, int]:
         """Exposure + target room, never past what the cap leaves this session (never below the exposure)."""
         b = self.budget
-        band_usd, band_tokens = self.bands()
+        band_usd, band_tokens = self._bands
         want_usd, want_tokens = usd + band_usd[1], tokens + int(band_tokens[1])
         if b.cap_usd is not None:
             want_usd = max(usd, min(want_usd, b.cap_usd - b.restored_usd))
@@ -72,12 +73,13 @@ class SpendCover:
             want_tokens = max(tokens, min(want_tokens, b.cap_tokens - b.restored_tokens))
         return want_usd, want_tokens
 
-    def _next_level(self) -> tuple[float, int] | None:
+    def _next_level(self, usd: float, tokens: int) -> tuple[float, int] | None:
         """The level to write now, or None while the written one leaves room inside its band."""
-        usd, tokens = self._exposure()
-        (low_usd, _, high_usd), (low_tokens, _, high_tokens) = self.bands()
-        want = self._wanted(usd, tokens)
+        (low_usd, _, high_usd), (low_tokens, _, high_tokens) = self._bands
         slack_usd, slack_tokens = self.level[0] - usd, self.level[1] - tokens
+        if low_usd <= slack_usd <= high_usd + EPS and low_tokens <= slack_tokens <= high_tokens:
+            return None  # the usual case: nothing to write
+        want = self._wanted(usd, tokens)
         raise_ = ((slack_usd < low_usd and want[0] > self.level[0] + EPS)
                   or (slack_tokens < low_tokens and want[1] > self.level[1]))
         lower = slack_usd > high_usd + EPS or slack_tokens > high_tokens
@@ -87,8 +89,9 @@ class SpendCover:
         """Return once a committed level covers this session's exposure (the caller's reservation included)."""
         if worst_usd > self._worst[0] or worst_tokens > self._worst[1]:
             self._worst = (max(worst_usd, self._worst[0]), max(worst_tokens, self._worst[1]))
+            self._bands = self.bands()
         mine = self._exposure()
-        level = self._next_level()
+        level = self._next_level(*mine)
         if level is not None:
             self._submit([], level)
         while True:
@@ -110,7 +113,7 @@ class SpendCover:
         """Queue an attempt's settle or release row; a level it leaves too high (or too low) is
         rewritten in the same commit, so no durable state has the settle without the new level."""
         row["in_flight"] = self.budget.reserved_calls
-        level = self._next_level()
+        level = self._next_level(*self._exposure())
         if level is None:
             self.store.enqueue("reservations", [row])
         else:
