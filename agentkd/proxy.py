@@ -170,12 +170,13 @@ def train_proxy(
     tok, L = proxy.tokenizer, cfg.max_len
     held_out = [encode_pair(tok, format_prompt(e.instruction), e.response, L) for e in roles["kd"][: cfg.proxy_eval_size]]
 
+    # the student does not change while the proxy trains: scored once, shown next to every stage
+    student_logp = mean_logprob(student.model, held_out, accelerator, tok.pad_token_id) if student is not None else None
+
     def quality(name: str, steps: int, n: int, loss: float | None, began: float, **extra: Any) -> ProxyStage:
         stage = ProxyStage(
             iteration, name, steps, n, loss, time.perf_counter() - began,
-            mean_logprob(proxy.model, held_out, accelerator, tok.pad_token_id),
-            mean_logprob(student.model, held_out, accelerator, tok.pad_token_id) if student is not None else None,
-            **extra,
+            mean_logprob(proxy.model, held_out, accelerator, tok.pad_token_id), student_logp, **extra,
         )
         if log_metric is not None and stage.proxy_logp is not None:
             log_metric(f"proxy/{name}/heldout_logp", stage.proxy_logp, steps)
@@ -316,5 +317,4 @@ def proxy_targets(
 
 def frozen_copy(student: Student) -> Student:
     """posterior_q = "self": the student as it is before this call, frozen (self-distillation)."""
-    return Student(model=copy.deepcopy(student.model), tokenizer=student.tokenizer, spec=student.spec,
-                   trained_examples=1)
+    return Student(model=copy.deepcopy(student.model), tokenizer=student.tokenizer, spec=student.spec)

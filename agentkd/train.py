@@ -90,31 +90,25 @@ def train(
         # q: the run's trained proxy (the method), or the student frozen as it is now (posterior_q = "self")
         q = frozen_copy(student) if cfg.posterior_q == "self" else _trained_proxy(proxy, student, cfg.objective)
         encoded = [encode_pair(tok, format_prompt(e.instruction), e.response, L) for e in examples]
-        kd = _kd_role(examples, cfg)  # self-distillation has no proxy roles: every row
+        # self-distillation has no proxy roles: every row gets a KD term
+        picked = list(range(len(examples))) if cfg.posterior_q == "self" else _kd_rows(examples, cfg)
         corpus = list(teacher_corpus) if teacher_corpus is not None else [e.response for e in examples]
-        picked = [i for i in range(len(examples)) if kd[i] or cfg.posterior_q == "self"]
         prior = fit_prior(tok, corpus, cfg, q.model.config.vocab_size)
         computed, counts = posterior_targets(q.model, tok, [examples[i] for i in picked], [encoded[i] for i in picked],
                                              prior, cfg, accelerator.device)
-        targets: list[obj.SparseTargets | None] = [None] * len(examples)
-        for i, t in zip(picked, computed, strict=True):
-            targets[i] = t
-        rows = list(zip(encoded, targets, strict=True))
+        rows = list(zip(encoded, _placed(picked, computed, len(examples), None), strict=True))
         step_loss = _posterior_step(cfg.kd_lambda)
         extra |= {"kd_examples": len(picked), "evidence_used": counts.used, "evidence_unused": counts.unused}
 
     elif cfg.objective == "proxy_kd":
         q = _trained_proxy(proxy, student, cfg.objective)
         encoded = [encode_pair(tok, format_prompt(e.instruction), e.response, L) for e in examples]
-        kd = _kd_role(examples, cfg)
-        picked = [i for i in range(len(examples)) if kd[i]]
+        picked = _kd_rows(examples, cfg)
         computed, w = proxy_targets(q.model, [encoded[i] for i in picked], cfg, accelerator.device,
                                     pad_id=tok.pad_token_id) if picked else ([], torch.zeros(0))
-        targets = [None] * len(examples)
-        weights = [0.0] * len(examples)  # outside the kd role: NLL only
-        for i, t, wi in zip(picked, computed, w.tolist(), strict=True):
-            targets[i], weights[i] = t, wi
-        rows = list(zip(encoded, targets, weights, strict=True))
+        # outside the kd role: no targets and weight 0, i.e. NLL only
+        rows = list(zip(encoded, _placed(picked, computed, len(examples), None),
+                        _placed(picked, w.tolist(), len(examples), 0.0), strict=True))
         step_loss = _proxy_kd_step(cfg.kd_lambda)
         extra["kd_examples"] = len(picked)
 
@@ -149,8 +143,17 @@ def _trained_proxy(proxy: Student | None, student: Student, objective: str) -> S
     return proxy
 
 
-def _kd_role(examples: Sequence[TrainingExample], cfg: TrainSection) -> list[bool]:
-    return [example_role(e.instruction, cfg.proxy_split) == "kd" for e in examples]
+def _kd_rows(examples: Sequence[TrainingExample], cfg: TrainSection) -> list[int]:
+    """Indices of the examples in the proxy's kd role: the ones that get a KD term."""
+    return [i for i, e in enumerate(examples) if example_role(e.instruction, cfg.proxy_split) == "kd"]
+
+
+def _placed(picked: list[int], values: Sequence[Any], n: int, fill: Any) -> list[Any]:
+    """values[j] at position picked[j] of a list of n, `fill` elsewhere."""
+    out = [fill] * n
+    for i, v in zip(picked, values, strict=True):
+        out[i] = v
+    return out
 
 
 # ---------------------------------------------------------------- per-objective steps
