@@ -14,9 +14,11 @@ from rich.console import Console
 from agentkd.budget import BudgetExhausted
 from agentkd.config import ConfigError, load_config
 from agentkd.process import freeze_startup_heap
+from agentkd.role_inputs import fields_help
 from agentkd.roles.template import TemplateError
 from agentkd.store import StoreError, StoreLockedError
 from agentkd.teachers.base import AuthError, QuotaExceeded
+from agentkd.terminal import labelled, plain_console
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 ROLES = ("answerer", "explainer", "referee", "generator")
@@ -27,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentkd", description="Distil a closed teacher LLM into a small student.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def config_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+    def config_command(name: str, help_text: str, **extra) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, **extra)
         p.add_argument("config", type=Path, help="run config (TOML)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set budget.usd=5 (repeatable)")
@@ -37,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     run = config_command("run", "the whole loop: imitate -> discriminate -> generate; resumes")
     run.add_argument("--no-progress", action="store_true")
 
-    teach = config_command("teach", "one role over a JSONL dataset through the gateway; resumable")
+    teach = config_command("teach", "one role over a JSONL dataset through the gateway; resumable",
+                           epilog=fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     teach.add_argument("--role", choices=ROLES, required=True)
     teach.add_argument("--input", type=Path, required=True, help="JSONL, one object per line")
     teach.add_argument("--output", type=Path, required=True)
@@ -46,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     teach.add_argument("--mode", choices=GENERATOR_MODES, default="hard", help="generator prompt")
     teach.add_argument("--no-progress", action="store_true")
 
-    estimate = config_command("estimate", "dry run: calls, tokens and USD; nothing is sent")
+    estimate = config_command("estimate", "dry run: calls, tokens and USD; nothing is sent",
+                              epilog=fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     estimate.add_argument("--role", choices=ROLES, default="answerer")
     estimate.add_argument("--input", type=Path, help="JSONL to estimate `teach` over")
     estimate.add_argument("--rationale-rate", type=float, default=None)
@@ -73,21 +77,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for people and greps
+    console = plain_console()  # messages hold user text (paths, keys, replies): printed verbatim
     try:
         return _dispatch(args, console)
     except (ConfigError, TemplateError, StoreLockedError) as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(labelled("error:", "red", str(err)))
         return EXIT_BAD_INPUT
     except BudgetExhausted as err:
-        console.print(f"[yellow]stopped:[/yellow] {err}\nEverything answered so far is stored; re-run "
-                      f"with a larger budget (e.g. --set budget.usd=...) to continue.", highlight=False)
+        console.print(labelled("stopped:", "yellow", f"{err}\nEverything answered so far is stored; re-run "
+                               f"with a larger budget (e.g. --set budget.usd=...) to continue."))
         return EXIT_BUDGET
     except (AuthError, QuotaExceeded) as err:
-        console.print(f"[red]the provider refused:[/red] {err}. {_key_hint(args)}", highlight=False)
+        console.print(labelled("the provider refused:", "red", f"{err}. {_key_hint(args)}"))
         return EXIT_REFUSED
     except StoreError as err:
-        console.print(f"[red]store error:[/red] {err}; no further paid calls were sent", highlight=False)
+        console.print(labelled("store error:", "red", f"{err}; no further paid calls were sent"))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("interrupted: everything answered so far is stored; re-run the same command to resume")
@@ -109,7 +113,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         from agentkd.teachers.sim import serve_forever
 
         config = load_config(args.config, args.overrides) if args.config else config_from_dict(
-            _overrides_only(args.overrides), source="--set")
+            _overrides_only(args.overrides), source="--set", overrides=args.overrides)
         serve_forever(config.sim, port=args.port, seed=config.sim.seed or config.run.seed)
         return EXIT_OK
 

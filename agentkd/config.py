@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,8 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: TOML reads 1e400 as inf, and an infinite budget or a NaN rate is no setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 ProviderName = Literal["openai", "anthropic", "openai_compatible", "sim"]
@@ -404,38 +406,66 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a TOML run config; every failure is a ConfigError naming the file and the key."""
+def read_user_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; a missing, unreadable or non-regular path (a directory,
+    a FIFO that would block, a device) is a ConfigError naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{path}: is a directory; give the {what} file")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{path}: not a regular file (a FIFO, socket or device); give the {what} as a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML run config; every failure is a ConfigError naming the file and the key, or the
+    `--set` override that set it."""
+    path = Path(path)
+    text = read_user_file(path, "config file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(path))
+    return config_from_dict(data, source=str(path), overrides=overrides or [])
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> RunConfig:
     try:
         return RunConfig.model_validate({**data, "source": source})
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, overrides=overrides)) from None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+def format_validation_error(err: ValidationError, source: str, *, overrides: list[str] = ()) -> str:
+    """One line per problem, under the file it came from or the `--set` item that set the key."""
+    set_by = {".".join(parse_override(item)[0]): item for item in overrides}
+    from_file, from_set = [], []
     for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"  {key}: {message}")
+        loc = [str(p) for p in problem["loc"]]
+        key = ".".join(loc) or "(top level)"
+        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        item = next((set_by[".".join(loc[:n])] for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in set_by), None)
+        if item is None:
+            from_file.append(f"  {key}: {message}")
+        else:
+            from_set.append(f"  --set {item}: {key}: {message}")
+    lines = [f"{source}: invalid config", *from_file] if from_file else []
+    if from_set:
+        lines += ["invalid --set override" + ("s" if len(from_set) > 1 else ""), *from_set]
     return "\n".join(lines)
 
 

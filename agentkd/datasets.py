@@ -12,34 +12,50 @@ from typing import Any
 from agentkd.config import ConfigError
 
 
-def read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a bad line is a ConfigError naming the file and the line number."""
+def read_jsonl(path: str | Path, required: Sequence[str], *, fields_hint: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a bad line is a ConfigError naming the file and the line number. A line
+    lacking fields names all of them at once (and `fields_hint`, what the caller reads)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: input file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give the input JSONL file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the input ({err.strerror or err})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start})") from None
     rows = []
+    lacking: list[tuple[int, list[str]]] = []  # (line, its field problems): reported together
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if lacking:
+                break  # an earlier line's fields are the first problem
+            # json's messages may end in "at" ("Unterminated string starting at"): one "at" only
+            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg.removesuffix(' at')} at column "
+                              f"{err.colno})") from None
         if not isinstance(row, dict):
+            if lacking:
+                break
             raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        for field in required:
-            value = row.get(field)
-            if not isinstance(value, str) or not value.strip():
-                problem = "missing" if field not in row else "not a non-empty string"
-                raise ConfigError(f"{path}:{number}: field {field!r} is {problem}")
+        problems = [f"field {name!r} is {'missing' if name not in row else 'not a non-empty string'}"
+                    for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
+        if problems:
+            lacking.append((number, problems))
         rows.append(row)
+    if lacking:
+        number, problems = lacking[0]
+        more = f" ({len(lacking) - 1} more line(s) lack fields too)" if len(lacking) > 1 else ""
+        hint = f"\n  {fields_hint}" if fields_hint else ""
+        raise ConfigError(f"{path}:{number}: {', '.join(problems)}{more}{hint}")
     if not rows:
         raise ConfigError(f"{path}: no rows (the file is empty)")
     return rows

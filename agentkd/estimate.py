@@ -14,13 +14,13 @@ from pathlib import Path
 
 from agentkd.budget import Budget, Usage, cost_usd
 from agentkd.config import ConfigError, RoleOverride, RunConfig
-from agentkd.datasets import read_jsonl
 from agentkd.ledger import PriorSpend, prior_spend, spend_text
 from agentkd.roles.requests import RolePrompts
 from agentkd.roles.template import builtin_prompts_dir
 from agentkd.store import Store
 from agentkd.roles.calls import rationale_selected
-from agentkd.teach import REQUIRED_FIELDS, generator_prompt
+from agentkd.role_inputs import check_rationale_rate, read_role_rows
+from agentkd.teach import generator_prompt
 from agentkd.teachers.base import TeacherRequest
 from agentkd.tokens import estimate_prompt
 
@@ -43,10 +43,11 @@ def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: flo
 
 def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale_rate: float,
              mode: str = "hard") -> str:
+    check_rationale_rate(rationale_rate)
     if input_path is None:
         return "\n".join([_loop_estimate(config), *_budget_lines(config, _stored(config)[1], None)])
     prompts = RolePrompts(config)
-    rows = read_jsonl(input_path, REQUIRED_FIELDS[role])
+    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate)  # exactly what teach accepts
     stored, prior = _stored(config)
     calls = cached = input_tokens = max_output = 0
     usd_low = usd_high = 0.0

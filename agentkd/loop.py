@@ -34,6 +34,7 @@ from agentkd.roles import calls
 from agentkd.selection import Draw, generator_draws, judge_metrics
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.students import Student
+from agentkd.terminal import labelled, plain_console
 from agentkd.train import generate_answers
 from agentkd.training_run import examples_from_store, load_student, needs_proxy, proxy_stage, train_iteration
 from agentkd.workpool import PoolOutcome, run_all
@@ -42,13 +43,13 @@ EXIT_OK, EXIT_BUDGET = 0, 3
 
 
 def run_loop(config: RunConfig, *, show_progress: bool = True, console: Console | None = None) -> int:
-    console = console or Console(stderr=True)
+    console = console or plain_console()
     try:
         summary = asyncio.run(_run(config, show_progress, console))
     except BudgetExhausted as err:
         from agentkd.loop_plan import remaining_cost
 
-        console.print(f"[yellow]budget stop:[/yellow] {err}")
+        console.print(labelled("budget stop:", "yellow", str(err)))
         console.print(remaining_cost(config), highlight=False)
         console.print("Everything answered so far is stored; re-run with a larger budget "
                       "(e.g. --set budget.usd=...) to continue where this run stopped.")

@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from agentkd.config import ConfigError, LoraSection, format_validation_error
+from agentkd.config import ConfigError, LoraSection, format_validation_error, read_user_file
 
 SPEC_FILE = "agentkd_student.json"  # the spec a checkpoint was built from, for humans and load_checkpoint
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -44,7 +44,7 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 class StudentSpec(BaseModel):
     """Schema of students/*.toml. Architecture fields apply to kind = "from_config" only."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field("tiny", description="Label used in logs and reports.")
     kind: Literal["from_config", "pretrained"] = "from_config"
@@ -78,10 +78,9 @@ class Student:
 def load_spec(path: str | Path) -> StudentSpec:
     """Read a students/*.toml; a bad file or key is a ConfigError naming the file and the key."""
     path = Path(path)
+    text = read_user_file(path, "student spec")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: student spec not found") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     try:

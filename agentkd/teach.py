@@ -18,22 +18,16 @@ from typing import Any
 
 from rich.console import Console
 
-from agentkd.config import ConfigError, RunConfig
-from agentkd.datasets import JsonlAppender, read_jsonl, write_jsonl
+from agentkd.config import RunConfig
+from agentkd.datasets import JsonlAppender, write_jsonl
 from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.ledger import spend_text
 from agentkd.roles import calls
+from agentkd.role_inputs import read_role_rows
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
+from agentkd.terminal import plain_console
 from agentkd.workpool import PoolOutcome, run_all
-
-REQUIRED_FIELDS = {
-    "answerer": ("instruction",),
-    "explainer": ("instruction",),
-    "referee": ("instruction", "teacher_answer", "student_answer"),
-    "generator": ("instruction",),
-}
-
 
 @dataclass
 class TeachSummary:
@@ -145,13 +139,11 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
 async def teach(config: RunConfig, role: str, input_path: Path, output_path: Path, *,
                 rationale_rate: float = 1.0, mode: str = "hard", show_progress: bool = True,
                 console: Console | None = None) -> TeachSummary:
-    rows = read_jsonl(input_path, REQUIRED_FIELDS[role])  # every line checked before any call
-    if not 0.0 <= rationale_rate <= 1.0:
-        raise ConfigError(f"--rationale-rate {rationale_rate}: must be between 0 and 1")
+    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate)  # every line checked before any call
     summary = TeachSummary(role=role, total=len(rows))
     results: dict[int, dict[str, Any]] = {}
     started = time.monotonic()
-    console = console or Console(stderr=True)
+    console = console or plain_console()
     async with teacher_session(config, console=console) as session:
         handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
                            tau=config.loop.tau)
