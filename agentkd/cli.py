@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     export.add_argument("--output", type=Path, default=None)
 
+    evaluate = sub.add_parser("eval", help="the student's answers to a JSONL file, and its accuracy where rows "
+                              "give an `answer`")
+    evaluate.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT",
+                          help="a run folder (its newest checkpoint) or a checkpoint folder")
+    evaluate.add_argument("--input", type=Path, required=True,
+                          help="JSONL: `instruction` per row, optional `answer` (the expected answer)")
+    evaluate.add_argument("--output", type=Path, default=None, help="answers JSONL (default: stdout)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's train.max_new_tokens")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    chat = sub.add_parser("chat", help="talk to the student: one instruction per line, or one --prompt")
+    chat.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    chat.add_argument("--prompt", default=None, help="answer this one instruction and exit")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+
     sim = sub.add_parser("sim-teacher", help="serve the simulated teacher (a stand-in, not a real teacher)")
     sim.add_argument("--port", type=int, default=8765)
     sim.add_argument("--config", type=Path, default=None, help="take [sim] settings from this run config")
@@ -119,6 +134,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
     if args.command in ("report", "export"):
         return _run_dir_command(args, console)
+    if args.command in ("eval", "chat"):
+        return _student_command(args)
 
     config = load_config(args.config, args.overrides)
     if args.command == "teach":
@@ -151,6 +168,23 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         return run_loop(config, show_progress=not args.no_progress, console=console)
     raise AssertionError(args.command)
+
+
+def _student_command(args: argparse.Namespace) -> int:
+    from agentkd.inference import chat_command, eval_command
+
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    if args.command == "eval":
+        if args.batch_size <= 0:
+            raise ConfigError(f"--batch-size {args.batch_size}: must be positive")
+        eval_command(args.target, args.input, args.output, max_new_tokens=args.max_new_tokens,
+                     batch_size=args.batch_size)
+    else:
+        if not 0 <= args.temperature <= 2:  # NaN fails this too
+            raise ConfigError(f"--temperature {args.temperature}: must be between 0 and 2")
+        chat_command(args.target, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return EXIT_OK
 
 
 def _overrides_only(overrides: list[str]) -> dict:

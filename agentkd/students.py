@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from agentkd.config import ConfigError, LoraSection, format_validation_error, read_user_file
+from agentkd.train_data import Task, chat_template
 
 SPEC_FILE = "agentkd_student.json"  # the spec a checkpoint was built from, for humans and load_checkpoint
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -183,10 +184,12 @@ def is_lora(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_checkpoint(student: Student, path: Path) -> None:
-    """Write a folder that AutoModelForCausalLM (full model) or peft PeftModel (LoRA) loads alone."""
+def save_checkpoint(student: Student, path: Path, *, task: Task = "answer") -> None:
+    """Write a folder that AutoModelForCausalLM (full model) or peft PeftModel (LoRA) loads alone; its
+    tokenizer carries the student's prompt format for `task` as its chat template."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    student.tokenizer.chat_template = chat_template(task)
     model = student.model
     if is_lora(model):
         if student.spec.kind == "from_config":

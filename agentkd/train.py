@@ -122,7 +122,8 @@ def train(
     )
     out_dir = Path(out_dir)
     if accelerator.is_main_process:
-        save_checkpoint(student, out_dir)
+        # a rationale-trained student answers through its label task ("predict: "), as the loop decodes it
+        save_checkpoint(student, out_dir, task="predict" if cfg.objective == "rationale" else "answer")
     accelerator.wait_for_everyone()
     return TrainResult(
         checkpoint=out_dir, steps=stats["steps"], examples=len(rows), final_loss=stats["final_loss"],

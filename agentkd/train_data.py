@@ -38,6 +38,28 @@ def format_prompt(instruction: str, task: Task = "answer") -> str:
     return f"{TASK_PREFIX[task]}{instruction}\nAnswer: "
 
 
+def chat_template(task: Task = "answer") -> str:
+    """format_prompt as a tokenizer chat template (Jinja), saved with every checkpoint, so transformers
+    pipelines and vLLM's chat API prompt the student exactly as it was trained: [bos] (if the tokenizer
+    has one) + format_prompt(last user message, task). The student is single-turn: earlier turns and
+    system messages are not rendered. The newline is a real one in the template text."""
+    return (
+        "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+        "{%- if not users %}{{ raise_exception('the student answers a user message; none was given') }}{% endif -%}"
+        "{%- if bos_token %}{{ bos_token }}{% endif -%}"
+        f"{TASK_PREFIX[task]}{{{{ users[-1]['content'] }}}}\nAnswer: "
+    )
+
+
+def checkpoint_task(tokenizer) -> Task:
+    """The task a checkpoint answers through: read back from the chat template it was saved with
+    ("answer" for a checkpoint saved before templates were written)."""
+    for task in ("predict", "explain", "answer"):
+        if getattr(tokenizer, "chat_template", None) == chat_template(task):  # type: ignore[arg-type]
+            return task  # type: ignore[return-value]
+    return "answer"
+
+
 @dataclass(frozen=True)
 class EncodedRow:
     """One tokenised (prompt, target) pair; `start` is the index of the first target token."""
