@@ -359,22 +359,23 @@ def _is_sim_model(config: RunConfig, model: str) -> bool:
     return config.teacher.provider == "sim" or model.startswith("sim-")
 
 
-def resolve_api_key(env_var: str | None, *, provider: str) -> str | None:
-    """Read, strip and validate the API key named by env_var. The key itself never enters a message."""
+def resolve_api_key(env_var: str | None, *, provider: str, where: str = "teacher.api_key_env") -> str | None:
+    """Read, strip and validate the API key named by env_var (the config key `where`). The key itself
+    never enters a message."""
     if provider == "sim" and env_var is None:
         return None
     if env_var is None:
         if provider == "openai_compatible":
             return None  # local servers (vLLM, Ollama) often need none
-        raise ConfigError(f"teacher.api_key_env: provider {provider!r} needs the name of an env var")
+        raise ConfigError(f"{where}: provider {provider!r} needs the name of an env var")
     raw = os.environ.get(env_var)
     if raw is None:
-        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} is not set")
+        raise ConfigError(f"{where}: environment variable {env_var} is not set")
     key = raw.strip()
     if not key:
-        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} is empty")
+        raise ConfigError(f"{where}: environment variable {env_var} is empty")
     if any(ch.isspace() for ch in key) or not key.isprintable():
-        raise ConfigError(f"teacher.api_key_env: environment variable {env_var} holds whitespace inside the key")
+        raise ConfigError(f"{where}: environment variable {env_var} holds whitespace inside the key")
     return key
 
 

@@ -76,14 +76,7 @@ def train(
         step_loss = _sft_step
 
     elif cfg.objective == "rationale":
-        # label target: the example's label, else the teacher's whole answer (agentkd choice)
-        rows = [
-            (
-                encode_pair(tok, format_prompt(e.instruction, "predict"), e.label or e.response, L),
-                encode_pair(tok, format_prompt(e.instruction, "explain"), e.rationale, L) if e.rationale else None,
-            )
-            for e in examples
-        ]
+        rows = rationale_rows(tok, examples, L)
         step_loss = _rationale_step(cfg.rationale_alpha)
 
     elif cfg.objective == "posterior_kd":
@@ -155,6 +148,19 @@ def _placed(picked: list[int], values: Sequence[Any], n: int, fill: Any) -> list
     for i, v in zip(picked, values, strict=True):
         out[i] = v
     return out
+
+
+def rationale_rows(tok: Any, examples: Sequence[TrainingExample], max_len: int) -> list[tuple[EncodedRow, EncodedRow | None]]:
+    """Per example: the label task row and the rationale task row, None for an example without a
+    rationale (RELIABILITY 23: kept for the label task only). The label target is the example's
+    label, else the teacher's whole answer (agentkd choice)."""
+    return [
+        (
+            encode_pair(tok, format_prompt(e.instruction, "predict"), e.label or e.response, max_len),
+            encode_pair(tok, format_prompt(e.instruction, "explain"), e.rationale, max_len) if e.rationale else None,
+        )
+        for e in examples
+    ]
 
 
 # ---------------------------------------------------------------- per-objective steps

@@ -88,3 +88,34 @@ def test_api_key_is_stripped_validated_and_never_in_messages(monkeypatch):
     monkeypatch.delenv("AGENTKD_TEST_KEY")
     with pytest.raises(ConfigError, match="AGENTKD_TEST_KEY is not set"):
         resolve_api_key("AGENTKD_TEST_KEY", provider="anthropic")
+
+
+BAD_CONFIGS = {  # RELIABILITY 25: what is wrong -> (config text, the key the message must name)
+    "unknown key": ("[limits]\nrmp = 5\n", "limits.rmp"),
+    "wrong type": ('[limits]\nrpm = "fast"\n', "limits.rpm"),
+    "negative budget": ("[budget]\nusd = -1\n", "budget.usd"),
+    "unknown provider": ('[teacher]\nprovider = "gemini"\n', "teacher.provider"),
+    "unknown price": ('[teacher]\nprovider = "openai"\nmodel = "gpt-x"\napi_key_env = "K"\n[budget]\nusd = 5\n',
+                      "prices.gpt-x"),
+    "missing env var": ('[teacher]\nprovider = "openai"\nmodel = "gpt-x"\napi_key_env = "AGENTKD_TEST_UNSET_KEY"\n'
+                        "[budget]\ntokens = 1000\n", "teacher.api_key_env"),
+    "missing env var of a role": ('[teacher]\nprovider = "sim"\n[roles.referee]\nprovider = "anthropic"\n'
+                                  'model = "claude-x"\napi_key_env = "AGENTKD_TEST_UNSET_KEY"\n[budget]\ntokens = 1000\n',
+                                  "roles.referee.api_key_env"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_exits_2_naming_the_key_and_the_file(tmp_path, capsys, monkeypatch, case):
+    from agentkd.cli import main
+
+    monkeypatch.delenv("AGENTKD_TEST_UNSET_KEY", raising=False)
+    text, key = BAD_CONFIGS[case]
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[run]\nname = "t"\ndir = "{tmp_path / "runs"}"\n' + text)
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"instruction": "What is 2 + 2?"}\n')
+    assert main(["teach", str(path), "--role", "answerer", "--input", str(data), "--output",
+                 str(tmp_path / "out.jsonl"), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich may wrap a long line
+    assert str(path) in err and key in err

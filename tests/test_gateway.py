@@ -145,6 +145,29 @@ async def test_connect_failure_releases_and_timeout_settles_at_the_reservation(t
     await store.close()
 
 
+@pytest.mark.parametrize("room_for", [1.5, 2.5])
+async def test_a_read_timeout_is_retried_only_if_the_budget_allows(tmp_path, room_for):
+    """RELIABILITY 10: the timed-out attempt is charged its whole reservation, so the retry must fit
+    beside it: with room for 1.5 worst cases it does not (the run stops, nothing more is sent), with
+    room for 2.5 it is sent and answered."""
+    req = request(max_tokens=10)
+    worst, _ = Budget(usd=None, tokens=None, price_of=lambda model: PRICE).worst_case("m", *_estimate_and_max(req))
+    teacher = ScriptedTeacher([ReadTimeout("timeout")])
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=room_for * worst)
+    if room_for < 2:
+        with pytest.raises(BudgetExhausted):
+            await gateway.complete(req)
+        assert len(teacher.calls) == 1 and gateway.budget.settled_usd == pytest.approx(worst)
+    else:
+        assert (await gateway.complete(req)).attempts == 2 and len(teacher.calls) == 2
+    await gateway.aclose()
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    first = store.query("SELECT event, usd, reserved_usd FROM reservations WHERE attempt = 1")
+    assert first == [("settle", pytest.approx(worst), pytest.approx(worst))]
+    store.close_sync()
+
+
 def _estimate_and_max(req):
     from agentkd.tokens import estimate_prompt
     return estimate_prompt(req.messages, req.provider).tokens, req.max_tokens

@@ -42,6 +42,49 @@ def test_examples_come_from_stored_teacher_answers(tmp_path):
     store.close_sync()
 
 
+def test_a_short_rationale_keeps_its_row_for_the_label_task_only(tmp_path):
+    """RELIABILITY 23 downstream: explainer reply -> stored row -> training example -> training rows. A
+    rationale under min_rationale_words trains the label task and adds no rationale row; a reply
+    without a label trains on the teacher's answer alone."""
+    from agentkd.config import TaskSection
+    from agentkd.roles.explainer import parse_explanation, task_definition
+    from agentkd.students import build_student, load_spec
+    from agentkd.train import rationale_rows
+    from agentkd.train_data import format_prompt
+
+    task = task_definition(TaskSection(kind="arithmetic"))
+    replies = {"full": "Label: 7\nReason: three apples plus four apples make seven apples.",
+               "short": "Label: 7\nReason: three plus four.", "unlabelled": "I cannot tell."}
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("instructions", [{"id": k, "text": f"q {k}", "source": "seed", "iteration": 1, "pool": "train"}
+                                      for k in replies])
+    store.append_now("responses", [{"instruction_id": k, "actor": "teacher", "iteration": 1,
+                                    "text": f"answer {k}"} for k in replies])
+    for k, reply in replies.items():  # stored as the loop's answer stage stores an explanation
+        e = parse_explanation(reply, task)
+        store.append_now("rationales", [{"example_id": k, "label": e.label, "rationale": e.rationale,
+                                         "parsed_ok": e.label is not None, "reason": e.reason}])
+    examples = {e.instruction: e for e in examples_from_store(store)}
+    store.close_sync()
+    assert (examples["q full"].label, examples["q full"].rationale) == ("7", "three apples plus four apples make seven apples.")
+    assert (examples["q short"].label, examples["q short"].rationale) == ("7", None)
+    assert (examples["q unlabelled"].label, examples["q unlabelled"].rationale) == (None, None)
+
+    tok = build_student(load_spec(ROOT / "students" / "tiny.toml"),
+                        corpus=[format_prompt(e.instruction) + e.response for e in examples.values()]).tokenizer
+    rows = dict(zip(examples, rationale_rows(tok, list(examples.values()), 96), strict=True))
+
+    def target(row) -> str:
+        return tok.decode([t for t in row.labels if t >= 0 and t != tok.eos_token_id])
+
+    label_row, why_row = rows["q full"]
+    assert target(label_row) == "7" and target(why_row) == "three apples plus four apples make seven apples."
+    label_row, why_row = rows["q short"]
+    assert target(label_row) == "7" and why_row is None  # the label task only
+    label_row, why_row = rows["q unlabelled"]
+    assert target(label_row) == "answer unlabelled" and why_row is None
+
+
 @pytest.mark.slow
 def test_agentkd_train_on_stored_sim_data_beats_the_untrained_student(tmp_path, capsys):
     problems = sample_problems(2200, seed=11, steps=(1, 1), digits=(1, 1))

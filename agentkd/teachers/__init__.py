@@ -37,7 +37,10 @@ def build_teachers(config: RunConfig, sim_base_url: str | None = None) -> dict[s
 
     teachers: dict[str, Teacher] = {}
     for provider, (url, key_env) in endpoints(config, sim_base_url).items():
-        api_key = resolve_api_key(key_env, provider=provider)
+        try:
+            api_key = resolve_api_key(key_env, provider=provider, where=_key_setting(config, provider))
+        except ConfigError as err:
+            raise ConfigError(f"{config.source}: {err}") from None  # which file to fix, as for any config error
         wire = "anthropic" if provider == "anthropic" else "openai"
         if config.teacher.transport == "sdk":
             if wire == "anthropic":
@@ -48,3 +51,11 @@ def build_teachers(config: RunConfig, sim_base_url: str | None = None) -> dict[s
             teachers[provider] = WireTeacher(provider=provider, wire=wire, base_url=url, api_key=api_key,
                                              max_connections=config.limits.max_concurrency)
     return teachers
+
+
+def _key_setting(config: RunConfig, provider: str) -> str:
+    """The config key that names this provider's key variable: the teacher's, or a role override's."""
+    if provider == config.teacher.provider:
+        return "teacher.api_key_env"
+    role = next(name for name, r in config.roles.items() if r.provider == provider)
+    return f"roles.{role}.api_key_env"

@@ -46,7 +46,7 @@ class OpenAISDKTeacher:
             with _mapped_errors(openai, timeout_s):
                 raw = await self._client.chat.completions.with_raw_response.create(
                     **body, timeout=timeout_s, extra_headers={REQUEST_KEY_HEADER: request.key})
-                data = _as_dict(raw.parse(), raw.headers)
+                data = _as_dict(_parsed(raw, raw.parse), raw.headers)
             reply = parse_openai(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("x-request-id") or data.get("id")
@@ -71,7 +71,7 @@ class AnthropicSDKTeacher:
                 raw = await self._client.messages.with_raw_response.create(
                     **body, extra_body=extra_body, timeout=timeout_s,
                     extra_headers={REQUEST_KEY_HEADER: request.key})
-                data = _as_dict(await raw.parse(), raw.headers)
+                data = _as_dict(await _parsed_async(raw), raw.headers)
             reply = parse_anthropic(data, "")
         reply.headers = rate_limit_headers(raw.headers)
         reply.request_id = raw.headers.get("request-id") or data.get("id")
@@ -94,6 +94,25 @@ def _mapped_errors(sdk: Any, timeout_s: float) -> Iterator[None]:
         raise _connection_error(err) from None
     except (sdk.APIResponseValidationError, ValueError) as err:
         raise MalformedResponse(f"unreadable response: {type(err).__name__}") from None
+
+
+def _parsed(raw: Any, parse: Any) -> object:
+    try:
+        return parse()
+    except ValueError as err:  # truncated JSON: keep the first bytes, as the aiohttp transport does
+        raise _unreadable(raw, err) from None
+
+
+async def _parsed_async(raw: Any) -> object:
+    try:
+        return await raw.parse()
+    except ValueError as err:
+        raise _unreadable(raw, err) from None
+
+
+def _unreadable(raw: Any, err: ValueError) -> MalformedResponse:
+    return MalformedResponse(f"200 with a body that is not JSON ({type(err).__name__})", status=200,
+                             headers=rate_limit_headers(raw.headers), snippet=raw.http_response.text[:500])
 
 
 def _as_dict(parsed: object, headers: Any) -> dict[str, Any]:
