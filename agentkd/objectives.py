@@ -81,18 +81,23 @@ def sparse_kl(
     bucket — i.e. sum_i p_i log(p_i / s_i) + tail * log(tail / S_tail), where s = softmax(logits)
     and S_tail = 1 - sum_i s_i (the student's mass off the k ids). It equals the full KL when
     tail = 0 and otherwise is a lower bound of it (coarsening never increases KL).
+    Computed only at the positions that carry target mass (response positions of rows with targets; the
+    rest are 0): the V-wide work is what a KD step adds to an sft step, and prompt, padding and rows
+    outside the KD role would only add zeros to it.
     """
     logits, labels = _shift(logits, labels)  # (B, T-1, V)
     ids, probs, tail = ids[:, 1:].long(), probs[:, 1:].float(), tail[:, 1:].float()  # (B, T-1, k), (B, T-1)
-    mask = labels != IGNORE  # (B, T-1)
-    lse = torch.logsumexp(logits, dim=-1)  # (B, T-1)
-    log_s = logits.gather(-1, ids) - lse.unsqueeze(-1)  # (B, T-1, k)
-    kl = (torch.xlogy(probs, probs) - probs * log_s).sum(-1)  # (B, T-1)
-    if ids.size(-1) < logits.size(-1):  # with k = V there is no tail bucket
-        rest = logits.scatter(-1, ids, float("-inf"))  # (B, T-1, V): logits off the k ids
-        log_s_tail = torch.logsumexp(rest, dim=-1) - lse  # (B, T-1)
+    live = (labels != IGNORE) & (probs.sum(-1) + tail > 0)  # (B, T-1)
+    at = live.nonzero(as_tuple=True)
+    x, ids, probs, tail = logits[at], ids[at], probs[at], tail[at]  # (P, V), (P, k), (P, k), (P,)
+    lse = torch.logsumexp(x, dim=-1)  # (P,)
+    log_s = x.gather(-1, ids) - lse.unsqueeze(-1)  # (P, k)
+    kl = (torch.xlogy(probs, probs) - probs * log_s).sum(-1)  # (P,)
+    if ids.size(-1) < x.size(-1):  # with k = V there is no tail bucket
+        rest = x.scatter(-1, ids, float("-inf"))  # (P, V): logits off the k ids
+        log_s_tail = torch.logsumexp(rest, dim=-1) - lse  # (P,)
         kl = kl + torch.xlogy(tail, tail) - tail * log_s_tail
-    return kl * mask
+    return torch.zeros(labels.shape, dtype=kl.dtype, device=kl.device).index_put(at, kl)
 
 
 def _mean_over_tokens(per_position: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

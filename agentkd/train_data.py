@@ -107,20 +107,28 @@ def collate(rows: Sequence[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
 
 def collate_targets(rows: Sequence[EncodedRow], targets: Sequence[SparseTargets | None], width: int) -> dict[str, torch.Tensor]:
     """Place each row's sparse targets at its label positions: ids, probs (B, T, k) and tail (B, T).
-    A row without targets (None: NLL only, e.g. outside the KD role) gets zero mass, so no KL term."""
+    A row without targets (None: NLL only, e.g. outside the KD role) gets zero mass, so no KL term.
+    One concatenation and one indexed write per tensor (this runs every step: a per-row loop of small
+    copies cost as much as the KD loss itself)."""
     k = max((t.ids.size(-1) for t in targets if t is not None), default=1)
-    ids = torch.zeros((len(rows), width, k), dtype=torch.long)
-    probs = torch.zeros((len(rows), width, k))
-    tail = torch.zeros((len(rows), width))
+    ids = torch.zeros((len(rows) * width, k), dtype=torch.long)
+    probs = torch.zeros((len(rows) * width, k))
+    tail = torch.zeros(len(rows) * width)
+    flat, id_parts, prob_parts, tail_parts = [], [], [], []
     for i, (row, tgt) in enumerate(zip(rows, targets, strict=True)):
         if tgt is None:
             continue
         n = min(len(row.input_ids) - row.start, tgt.ids.size(0))  # target positions that survived truncation
-        w = tgt.ids.size(-1)  # rows may differ in support width: the rest stays zero mass
-        ids[i, row.start : row.start + n, :w] = tgt.ids[:n].long()
-        probs[i, row.start : row.start + n, :w] = tgt.probs[:n]
-        tail[i, row.start : row.start + n] = tgt.tail[:n]
-    return {"target_ids": ids, "target_probs": probs, "target_tail": tail}
+        pad = k - tgt.ids.size(-1)  # rows may differ in support width: the rest stays zero mass
+        flat.append(torch.arange(n) + (i * width + row.start))
+        id_parts.append(torch.nn.functional.pad(tgt.ids[:n], (0, pad)) if pad else tgt.ids[:n])
+        prob_parts.append(torch.nn.functional.pad(tgt.probs[:n], (0, pad)) if pad else tgt.probs[:n])
+        tail_parts.append(tgt.tail[:n])
+    if flat:
+        at = torch.cat(flat)
+        ids[at], probs[at], tail[at] = torch.cat(id_parts).long(), torch.cat(prob_parts), torch.cat(tail_parts)
+    return {"target_ids": ids.view(len(rows), width, k), "target_probs": probs.view(len(rows), width, k),
+            "target_tail": tail.view(len(rows), width)}
 
 
 def left_padded(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,9 @@ and posterior KD target building at Qwen2.5's vocabulary.
 Prints one line per objective, then a JSON object as the last line: tokens_per_s per objective,
 posterior_over_sft (target <= 1.3: the posterior_kd step plus its target building amortised per step —
 targets are built once per training call and reused every epoch, so one batch's build time is divided by
-TrainSection().epochs — over the sft step; posterior_over_sft_raw leaves the build out), the bytes of the
+TrainSection().epochs — over the sft step; posterior_over_sft_raw leaves the build out). posterior_kd is
+measured as train() runs it by default: KD targets from the larger proxy on the rows in proxy_split's kd
+role, NLL on the others; posterior_over_sft_every_row is the same with a KD term on every row. Then the bytes of the
 sparse posterior targets vs a dense-vocabulary equivalent, and "vocab_151936": peak host memory and
 seconds of building targets for 32 x 1,024 response positions with a Qwen2-architecture q model at
 V = 151,936 (built from a config, tiny hidden size), measured in a fresh subprocess (target <= 1 GiB),
@@ -57,33 +59,42 @@ def problems(n: int, seed: int = 0) -> list[TrainingExample]:
     return out
 
 
-def time_steps(model, rows, step_loss, steps: int, warmup: int) -> tuple[float, int]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    times, tokens = [], 0
+def time_steps(model, cases: dict, steps: int, warmup: int) -> dict[str, tuple[float, int]]:
+    """Median seconds per step and tokens per batch for each case (rows, step_loss). The cases take turns,
+    one step each, every case on its own copy of the same starting weights with its own AdamW: load on a
+    shared machine then slows every case alike instead of whichever ran during a busy moment."""
+    runs = {}
+    for name in cases:
+        m = copy.deepcopy(model).train()
+        params = [p for p in m.parameters() if p.requires_grad]
+        runs[name] = (m, params, torch.optim.AdamW(params, lr=1e-4), [])
+    tokens = {}
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss, tokens = step_loss(model, rows)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), tokens
+        for name, (rows, step_loss) in cases.items():
+            m, params, opt, times = runs[name]
+            t0 = time.perf_counter()
+            loss, tokens[name] = step_loss(m, rows)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return {name: (statistics.median(runs[name][3]), tokens[name]) for name in cases}
 
 
-def build_targets(q_model, tok, exs, encoded, cfg) -> tuple[list, float]:
-    """One batch's target build (fit_prior on its answers + posterior_targets): the targets and the median
-    seconds of 3 warm builds (the first call in a process also pays torch's one-time start-up)."""
+def build_targets(q_model, tok, exs, encoded, cfg, picked: list[int]) -> tuple[list, float]:
+    """One batch's target build as train() does it (fit_prior on the batch's answers + posterior_targets on
+    the rows in `picked`), placed back into the batch with None (NLL only) elsewhere: the targets and the
+    median seconds of 3 warm builds (the first call in a process also pays torch's one-time start-up)."""
     times = []
     for _ in range(4):
         t0 = time.perf_counter()
         prior = fit_prior(tok, [e.response for e in exs], cfg, q_model.config.vocab_size)
-        targets, _ = posterior_targets(q_model, tok, exs, encoded, prior, cfg, torch.device("cpu"))
+        targets, _ = posterior_targets(q_model, tok, [exs[i] for i in picked], [encoded[i] for i in picked], prior,
+                                       cfg, torch.device("cpu"))
         times.append(time.perf_counter() - t0)
-    return targets, statistics.median(times[1:])
+    return trainer._placed(picked, targets, len(exs), None), statistics.median(times[1:])
 
 
 def main() -> None:
@@ -109,8 +120,12 @@ def main() -> None:
     encoded = [encode_pair(tok, format_prompt(e.instruction), e.response, cfg.max_len) for e in exs]
     cpu = torch.device("cpu")
 
-    post, post_s = build_targets(proxy.model, tok, exs, encoded, cfg)  # q: the (larger) proxy, the method
-    _, self_s = build_targets(copy.deepcopy(student.model), tok, exs, encoded, cfg)  # q: a student-sized model
+    # posterior_kd as train() runs it by default: q is the (larger) proxy, and only the rows in the proxy
+    # split's kd role get a KD term (the others trained the proxy: its q on them would be memorised)
+    kd_rows, every_row = trainer._kd_rows(exs, cfg), list(range(len(exs)))
+    post, post_s = build_targets(proxy.model, tok, exs, encoded, cfg, kd_rows)
+    post_all, post_all_s = build_targets(proxy.model, tok, exs, encoded, cfg, every_row)  # KD on every row
+    _, self_s = build_targets(copy.deepcopy(student.model), tok, exs, encoded, cfg, every_row)  # posterior_q "self"
     ptargets, weights = proxy_targets(proxy.model, encoded, cfg, cpu, pad_id=tok.pad_token_id)
     rationale_rows = [
         (encode_pair(tok, format_prompt(e.instruction, "predict"), e.label, cfg.max_len),
@@ -121,21 +136,28 @@ def main() -> None:
         "sft": (encoded, trainer._sft_step),
         "rationale": (rationale_rows, trainer._rationale_step(cfg.rationale_alpha)),
         "posterior_kd": (list(zip(encoded, post)), trainer._posterior_step(cfg.kd_lambda)),
+        "posterior_kd_every_row": (list(zip(encoded, post_all)), trainer._posterior_step(cfg.kd_lambda)),
         "proxy_kd": (list(zip(encoded, ptargets, weights.tolist())), trainer._proxy_kd_step(cfg.kd_lambda)),
     }
     step_s, tps = {}, {}
-    for name, (rows, step_loss) in cases.items():
-        step_s[name], tokens = time_steps(student.model, rows, step_loss, args.steps, args.warmup)
-        tps[name] = tokens / step_s[name]
-        print(f"{name:13s} step {step_s[name] * 1e3:7.2f} ms  {tps[name]:9,.0f} tokens/s  ({tokens} tokens/batch)")
+    for name, (seconds, tokens) in time_steps(student.model, cases, args.steps, args.warmup).items():
+        step_s[name], tps[name] = seconds, tokens / seconds
+        print(f"{name:22s} step {step_s[name] * 1e3:7.2f} ms  {tps[name]:9,.0f} tokens/s  ({tokens} tokens/batch)")
 
-    amortised = step_s["posterior_kd"] + post_s / cfg.epochs
-    print(f"posterior_kd with target building amortised: step {step_s['posterior_kd'] * 1e3:.2f} ms + build "
-          f"{post_s * 1e3:.2f} ms / {cfg.epochs:g} epochs (targets are built once per training call and reused every "
-          f"epoch; build = fit_prior + posterior_targets for this batch of {args.batch}, median of 3 warm builds) = {amortised * 1e3:.2f} ms "
-          f"per step: {amortised / step_s['sft']:.3f}x sft; without the build {step_s['posterior_kd'] / step_s['sft']:.3f}x")
-    amortised_self = step_s["posterior_kd"] + self_s / cfg.epochs
-    print(f"  the same with a student-sized q (posterior_q = \"self\"): build {self_s * 1e3:.2f} ms, "
+    def amortise(case: str, build_s: float) -> float:
+        return step_s[case] + build_s / cfg.epochs
+    amortised = amortise("posterior_kd", post_s)
+    print(f"posterior_kd as train() runs it by default ({len(kd_rows)} of {args.batch} rows in the kd role of "
+          f"proxy_split {cfg.proxy_split}: KD there, NLL on the rest) with target building amortised: step "
+          f"{step_s['posterior_kd'] * 1e3:.2f} ms + build {post_s * 1e3:.2f} ms / {cfg.epochs:g} epochs (targets are "
+          f"built once per training call and reused every epoch; build = fit_prior + posterior_targets, median of 3 "
+          f"warm builds) = {amortised * 1e3:.2f} ms per step: {amortised / step_s['sft']:.3f}x sft; without the build "
+          f"{step_s['posterior_kd'] / step_s['sft']:.3f}x")
+    amortised_all = amortise("posterior_kd_every_row", post_all_s)
+    print(f"  KD on every row (build {post_all_s * 1e3:.2f} ms): {amortised_all / step_s['sft']:.3f}x sft; "
+          f"without the build {step_s['posterior_kd_every_row'] / step_s['sft']:.3f}x")
+    amortised_self = amortise("posterior_kd_every_row", self_s)
+    print(f"  KD on every row with a student-sized q (posterior_q = \"self\"): build {self_s * 1e3:.2f} ms, "
           f"{amortised_self / step_s['sft']:.3f}x sft")
     big = None
     if not args.skip_vocab:
@@ -147,8 +169,8 @@ def main() -> None:
               f"before it, fresh process: an upper bound) in {big['targets_seconds']:.1f} s; dense (B, T, V) fp32 "
               f"would be {big['dense_bytes'] / 2**30:.1f} GiB")
     vocab = student.model.config.vocab_size
-    positions = sum(t.ids.size(0) for t in post)
-    sparse_bytes = sum(t.nbytes() for t in post)
+    positions = sum(t.ids.size(0) for t in post_all)
+    sparse_bytes = sum(t.nbytes() for t in post_all)
     dense_bytes = positions * vocab * 4  # float32 over the vocabulary
     per_position_sparse = sparse_bytes / positions
     print(f"posterior targets: {positions} positions, top_k={cfg.top_k}, V={vocab}: sparse {sparse_bytes:,} B vs dense "
@@ -162,6 +184,9 @@ def main() -> None:
         "posterior_over_sft": round(amortised / step_s["sft"], 3),
         "posterior_over_sft_raw": round(step_s["posterior_kd"] / step_s["sft"], 3),
         "posterior_build_s_per_batch": round(post_s, 4),
+        "posterior_kd_rows": len(kd_rows),
+        "posterior_over_sft_every_row": round(amortised_all / step_s["sft"], 3),
+        "posterior_over_sft_every_row_raw": round(step_s["posterior_kd_every_row"] / step_s["sft"], 3),
         "posterior_over_sft_student_sized_q": round(amortised_self / step_s["sft"], 3),
         "amortised_over_epochs": cfg.epochs,
         "proxy_kd_over_sft": round(step_s["proxy_kd"] / step_s["sft"], 3),

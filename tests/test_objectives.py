@@ -91,6 +91,23 @@ def test_sparse_kl_equals_kl_of_coarsened_distributions_and_bounds_full_kl():
             assert got[b, t - 1].item() <= full + 1e-5
 
 
+def test_sparse_kl_rows_without_targets_add_nothing_and_leave_the_gradient_of_the_others_alone():
+    logits, labels = seeded(9)
+    V, k = logits.size(-1), 4
+    _, ids, probs, tail = random_sparse(3, 7, V, k, seed=10)
+    dropped = probs.clone(), tail.clone()
+    dropped[0][1], dropped[1][1] = 0.0, 0.0  # row 1 outside the KD role: zero mass (collate_targets' fill)
+    a = logits.clone().requires_grad_()
+    full = obj.sparse_kl(a, labels, ids, probs, tail)
+    full[[0, 2]].sum().backward()
+    b = logits.clone().requires_grad_()
+    got = obj.sparse_kl(b, labels, ids, *dropped)
+    got.sum().backward()
+    assert got[1].abs().max().item() == 0.0 and b.grad[1].abs().max().item() == 0.0
+    torch.testing.assert_close(got[[0, 2]], full[[0, 2]])
+    torch.testing.assert_close(b.grad, a.grad)
+
+
 def test_posterior_kd_loss_is_ce_plus_lambda_mean_kl():
     logits, labels = seeded(7)
     _, ids, probs, tail = random_sparse(3, 7, logits.size(-1), 5, seed=8)
