@@ -151,10 +151,36 @@ class TaskSection(Section):
     kind: Literal["arithmetic", "nli", "multiple_choice", "custom"] = "arithmetic"
     labels: list[str] = Field(default_factory=list, description="Label set (custom/nli).")
     synonyms: dict[str, str] = Field(default_factory=dict, description="Extra synonym -> label map.")
-    input_fields: list[str] = Field(default_factory=lambda: ["instruction"])
+    input_fields: list[str] = Field(
+        default_factory=lambda: ["instruction"],
+        description="An item's fields (seed/held-out JSONL keys, rendered into every prompt). Default: "
+        "premise, hypothesis for nli; question, options for multiple_choice; instruction otherwise.",
+    )
     min_rationale_words: int = Field(
         5, ge=1, description="Explainer rationales shorter than this count as missing (2403.15886: 5)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_of_the_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "input_fields" not in data and data.get("kind") in TASK_FIELDS:
+            return {**data, "input_fields": list(TASK_FIELDS[data["kind"]])}
+        return data
+
+    @field_validator("input_fields")
+    @classmethod
+    def _plain_names(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value) or not all(v.isidentifier() for v in value):
+            raise ValueError("must be distinct field names (letters, digits, _), at least one")
+        return value
+
+    @property
+    def has_labels(self) -> bool:
+        """A label task: the teacher's answer is a label (the explainer's), not free text."""
+        return self.kind != "arithmetic"
+
+
+TASK_FIELDS: dict[str, tuple[str, ...]] = {"nli": ("premise", "hypothesis"), "multiple_choice": ("question", "options")}
 
 
 class StudentSection(Section):
@@ -245,9 +271,11 @@ class LoopSection(Section):
         "lion", description="Generator seeds: Lion's judged hard/easy ones, or drawn uniformly from the Cache "
         "Pool with a plain prompt and no referee (the random-expansion baseline)."
     )
-    seeds: str | None = Field(None, description="JSONL of seed instructions (field 'instruction').")
+    seeds: str | None = Field(None, description="JSONL of seed items (the fields of task.input_fields).")
     seed_count: int = Field(200, gt=0, description="Seeds drawn from the sim's world if seeds is None.")
-    heldout: str | None = Field(None, description="JSONL held-out set; None: drawn from the sim world.")
+    heldout: str | None = Field(
+        None, description="JSONL held-out set: the item's fields and its gold answer ('label' for label tasks, "
+        "'answer' for arithmetic); None: drawn from the sim world.")
     heldout_count: int = Field(200, gt=0)
     world_steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: steps range.")
     world_digits: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: digits range.")
@@ -267,6 +295,10 @@ class LoopSection(Section):
     )
     targeted_generation: bool = Field(
         False, description="Show the hard generator the student's failure (beyond the paper)."
+    )
+    discriminate: Literal["referee", "label"] | None = Field(
+        None, description="Hard/easy by the referee (Lion), or, for label tasks, hard iff the student's label "
+        "differs from the teacher's (no referee call). None: label for label tasks, referee otherwise.",
     )
 
     @model_validator(mode="after")
@@ -292,6 +324,18 @@ class RunConfig(Section):
 
     # Where the config came from: relative paths (seeds, student spec) resolve against it.
     source: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _label_discrimination_needs_labels(self) -> RunConfig:
+        if self.loop.discriminate == "label" and not self.task.has_labels:
+            raise ValueError('loop.discriminate = "label" needs a label task (task.kind nli, multiple_choice or '
+                             'custom); arithmetic answers are judged by the referee')
+        return self
+
+    @property
+    def discriminate(self) -> str:
+        """How the loop tells hard from easy: loop.discriminate, or its default for the task."""
+        return self.loop.discriminate or ("label" if self.task.has_labels else "referee")
 
     @model_validator(mode="after")
     def _prices_known(self) -> RunConfig:

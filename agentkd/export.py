@@ -1,5 +1,8 @@
 """Export a run's accepted training data (instruction, teacher answer, rationale) as JSONL or Parquet.
 
+A structured item (label tasks) also has `fields`: its fields as the seeds file has them (an object in
+JSONL, its JSON text in Parquet); `instruction` is the item rendered as every prompt saw it.
+
 Rows are the instructions the loop accepted into the Train or Cache pool, never the held-out set: an
 instruction that was ever in pool 'heldout', or whose latest row is rejected, is not exported. Tables
 are append-only, so an instruction's current state is its latest row; `iteration` is the iteration
@@ -16,12 +19,12 @@ from typing import Any, Literal
 from agentkd.store import Store, StoreError, StoreLockedError
 
 DB_NAME = "agentkd.duckdb"
-FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration")
+FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration", "fields")
 
 # Latest row per id / instruction wins; rowid breaks created_at ties in insertion order.
 _ROWS_SQL = """
 WITH latest AS (
-    SELECT id, text, source, parent_id, pool, rejected_reason FROM instructions
+    SELECT id, text, source, parent_id, pool, rejected_reason, fields FROM instructions
     QUALIFY row_number() OVER (PARTITION BY id ORDER BY created_at DESC, rowid DESC) = 1
 ), first_seen AS (
     SELECT id, min(iteration) AS iteration, bool_or(pool = 'heldout') AS ever_heldout
@@ -35,7 +38,7 @@ WITH latest AS (
         PARTITION BY example_id ORDER BY coalesce(parsed_ok, false) DESC, created_at DESC, rowid DESC) = 1
 )
 SELECT l.id, l.text AS instruction, t.text AS teacher_answer, r.rationale, r.label, l.source,
-       l.parent_id, f.iteration
+       l.parent_id, f.iteration, l.fields
 FROM latest l
 JOIN first_seen f USING (id)
 JOIN teacher t ON t.instruction_id = l.id
@@ -90,7 +93,10 @@ def export_training_data(
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({k: row[k] for k in FIELDS}, ensure_ascii=False) + "\n")
+            # a structured item's fields as an object (parquet keeps the JSON text)
+            out = {k: row[k] for k in FIELDS}
+            out["fields"] = json.loads(out["fields"]) if out["fields"] else None
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:

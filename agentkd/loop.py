@@ -19,6 +19,7 @@ one it was in, which re-pays nothing because every answered call is served from 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
@@ -114,15 +115,19 @@ class Lion:
     async def setup(self) -> None:
         seeds, heldout = pools.initial_items(self.config)
         await self.store.write_many("instructions", [
-            {"id": i.id, "text": i.text, "source": "seed", "iteration": 1, "pool": "train"} for i in seeds])
+            {"id": i.id, "text": i.text, "source": "seed", "iteration": 1, "pool": "train",
+             "fields": i.fields_json()} for i in seeds])
         await self.store.write_many("instructions", [
             {"id": i.id, "text": i.text, "source": "heldout", "iteration": 0, "pool": "heldout",
-             "answer": i.answer} for i in heldout])
+             "answer": i.answer, "fields": i.fields_json()} for i in heldout])
 
     async def answer(self, t: int) -> None:
         """Imitation data: the teacher answers A(t); stored answers are reused, never re-bought."""
         items = pools.train_pool(self.store, t)
         rationale = self.config.train.objective == "rationale"
+        if self.config.task.has_labels:
+            await self._each(items, lambda item: self._label_answer(item, t, rationale), f"label A({t})")
+            return
 
         async def handle(item: pools.Item) -> None:
             completion = await calls.answer(self.s.gateway, self.s.prompts, item.text)
@@ -137,6 +142,20 @@ class Lion:
             await self.store.write_many("responses", rows)
 
         await self._each(items, handle, f"answer A({t})")
+
+    async def _label_answer(self, item: pools.Item, t: int, rationale: bool) -> None:
+        """A label task's teacher answer is the explainer's label (2403.15886: one zero-shot prompt, no
+        answerer call): with a one-sentence reason on XR of the rows when the objective is rationale,
+        the label-only prompt otherwise. A reply without a label is stored, and the item goes untrained."""
+        why = rationale and calls.rationale_selected(item.text, self.loop.rationale_rate)
+        explanation, c = await calls.explain(self.s.gateway, self.s.prompts, item.text, with_rationale=why,
+                                             options=item.options)
+        self.store.enqueue("rationales", [{
+            "example_id": item.id, "label": explanation.label, "rationale": explanation.rationale,
+            "parsed_ok": explanation.label is not None, "reason": explanation.reason, "call_key": c.key}])
+        if explanation.label is not None:
+            await self.store.write("responses", {"instruction_id": item.id, "actor": "teacher", "iteration": t,
+                                                 "text": explanation.label, "call_key": c.key})
 
     def _train_examples(self, t: int):
         return examples_from_store(self.store, iteration=t, up_to=self.loop.imitate_on == "cache_pool")
@@ -179,6 +198,9 @@ class Lion:
         sample = self._judge_sample(t)
         teacher = pools.responses(self.store, "teacher")
         sample = [i for i in sample if i.id in teacher]
+        if self.config.discriminate == "label":
+            await self._judge_by_label(t, sample, teacher)
+            return
         student = await self._student_answers(sample, t, temperature=self.config.train.student_temperature)
 
         async def handle(item: pools.Item) -> None:
@@ -202,6 +224,25 @@ class Lion:
         disagreements = self.store.query("SELECT avg(CAST(order_disagreement AS DOUBLE)) FROM verdicts "
                                          "WHERE iteration = ? AND label != 'unscored'", [t])[0][0]
         await self._metrics(t, judge_metrics(pools.verdict_labels(self.store, t), sample, t, disagreements))
+
+    async def _judge_by_label(self, t: int, sample: list[pools.Item], teacher: dict[str, str]) -> None:
+        """Label tasks (loop.discriminate = "label"): hard iff the student's label differs from the teacher's,
+        a label that does not parse included. No referee call; what both orders would have cost is reported."""
+        from agentkd.evaluate import student_label
+
+        labels = await self._student_labels(sample, t, temperature=self.config.train.student_temperature)
+        rows = []
+        for item in sample:
+            same = student_label(labels[item.id], item, self.s.prompts.task) == teacher[item.id]
+            rows.append({"instruction_id": item.id, "iteration": t, "teacher_score": 1.0,
+                         "student_score": 1.0 if same else 0.0, "label": "easy" if same else "hard",
+                         "order_disagreement": False})
+        await self.store.write_many("verdicts", rows)
+        low, high = referee_cost(self.config, self.s.prompts, sample, teacher, labels)
+        metrics = judge_metrics(pools.verdict_labels(self.store, t), sample, t, None)
+        await self._metrics(t, {**metrics, "referee_usd_saved": low, "referee_usd_saved_worst_case": high})
+        self.console.print(f"iteration {t}: {len(sample)} items judged by label, {metrics['hard_share'] or 0:.0%} hard; "
+                           f"no referee calls (2 x {len(sample)} saved: ${low:.4f} input .. ${high:.4f} worst case)")
 
     async def generate(self, t: int) -> None:
         """New instructions for A(t+1) from seeds of B(t) (agentkd/selection.py: Lion's hard/easy, or the
@@ -229,9 +270,11 @@ class Lion:
                              "text": generated.instruction or "", "pool": "rejected",
                              "rejected_reason": generated.reason})
                 continue
-            is_new, score = index.add_if_new(generated.instruction)
+            is_new, score = index.add_if_new(generated.instruction)  # on the rendered item
             accepted += is_new
+            fields = json.dumps(generated.fields, ensure_ascii=False) if self.s.prompts.items.structured else None
             rows.append({**row, "id": instruction_id(generated.instruction), "text": generated.instruction,
+                         "fields": fields,
                          "pool": "train" if is_new else "rejected",
                          "rouge_nearest": None if is_new else score,  # exact only above the threshold
                          "rejected_reason": None if is_new else f"near-duplicate (ROUGE-L {score:.2f})"})
@@ -244,9 +287,13 @@ class Lion:
         from agentkd.evaluate import accuracy
 
         items = pools.heldout(self.store)
-        student = await self._student_answers(items, t, temperature=0.0)
-        metrics: dict[str, float | None] = {"accuracy": accuracy(items, student.labels, self.config.task.kind)}
-        judged = items[: self.loop.eval_judge_sample]
+        by_label = self.config.discriminate == "label"
+        if by_label:  # the held-out gold labels are the measure; no referee, so no teacher call in eval
+            answers, judged = await self._student_labels(items, t, temperature=0.0), []
+        else:
+            student = await self._student_answers(items, t, temperature=0.0)
+            answers, judged = student.labels, items[: self.loop.eval_judge_sample]
+        metrics: dict[str, float | None] = {"accuracy": accuracy(items, answers, self.s.prompts.task)}
 
         async def handle(item: pools.Item):
             teacher = await calls.answer(self.s.gateway, self.s.prompts, item.text, tag="eval")
@@ -304,6 +351,20 @@ class Lion:
             judged.update({i.id: text for i, text in zip(missing, judged_texts, strict=True)})
             labels.update({i.id: text for i, text in zip(missing, label_texts, strict=True)})
         return StudentAnswers(judged=judged, labels=labels)
+
+    async def _student_labels(self, items: Sequence[pools.Item], t: int, *, temperature: float) -> dict[str, str]:
+        """The student's label per item (its label task for a rationale student): reused when stored."""
+        actor = "student_label" if self.config.train.objective == "rationale" else "student"
+        labels = pools.responses(self.store, actor, t)
+        missing = [i for i in items if i.id not in labels]
+        if missing:
+            task = "predict" if actor == "student_label" else "answer"
+            texts = await self._decode([i.text for i in missing], t, temperature, task)
+            await self.store.write_many("responses", [{"instruction_id": i.id, "actor": actor, "iteration": t,
+                                                       "text": text, "checkpoint": str(t)}
+                                                      for i, text in zip(missing, texts, strict=True)])
+            labels.update({i.id: text for i, text in zip(missing, texts, strict=True)})
+        return labels
 
     async def _decode(self, texts: list[str], t: int, temperature: float, task: str) -> list[str]:
         return await asyncio.to_thread(generate_answers, self._student(), texts,
@@ -370,6 +431,23 @@ class Lion:
 class StudentAnswers(NamedTuple):
     judged: dict[str, str]  # instruction id -> what the referee is shown
     labels: dict[str, str]  # instruction id -> what held-out accuracy checks (the same text but for rationale)
+
+
+def referee_cost(config: RunConfig, prompts, sample: Sequence[pools.Item], teacher: dict[str, str],
+                 student: dict[str, str]) -> tuple[float, float]:
+    """USD the referee would have cost on `sample` in both orders: input only, and with max_tokens out."""
+    from agentkd.budget import Usage, cost_usd
+    from agentkd.tokens import estimate_prompt
+
+    low = high = 0.0
+    for item in sample:
+        for a, b in ((teacher[item.id], student[item.id]), (student[item.id], teacher[item.id])):
+            request = prompts.judge(item.text, a, b)
+            tokens = estimate_prompt(request.messages, request.provider).tokens
+            price = config.price(request.model)
+            low += cost_usd(price, Usage(tokens, 0))
+            high += cost_usd(price, Usage(tokens, request.max_tokens))
+    return low, high
 
 
 def labelled_explanation(explanation: str, label: str) -> str:

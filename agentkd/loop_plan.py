@@ -22,11 +22,16 @@ def calls_per_iteration(config: RunConfig, iteration: int) -> dict[str, int]:
     train_pool = loop.seed_count if iteration == 1 else loop.new_per_iteration  # at most: not all are accepted
     cache_pool = loop.seed_count + (iteration - 1) * loop.new_per_iteration
     judged = cache_pool if loop.judge_sample == "all" else min(loop.judge_sample, cache_pool)
-    calls = {"answerer": train_pool, "generator": loop.new_per_iteration, "eval": 3 * loop.eval_judge_sample}
-    if loop.selection == "lion":
-        calls["referee"] = 2 * judged
-    if config.train.objective == "rationale":
-        calls["explainer"] = train_pool
+    if config.task.has_labels:  # the explainer's label is the teacher's answer (2403.15886)
+        calls = {"explainer": train_pool, "generator": loop.new_per_iteration}
+    else:
+        calls = {"answerer": train_pool, "generator": loop.new_per_iteration}
+        if config.train.objective == "rationale":
+            calls["explainer"] = train_pool
+    if config.discriminate == "referee":  # label discrimination calls no referee, in judge or eval
+        calls["eval"] = 3 * loop.eval_judge_sample
+        if loop.selection == "lion":
+            calls["referee"] = 2 * judged
     return calls
 
 

@@ -9,9 +9,10 @@ The held-out set has pool 'heldout' and is never trained on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from agentkd.config import RunConfig
+from agentkd.config import ConfigError, RunConfig
 from agentkd.datasets import read_jsonl
 from agentkd.dedup import instruction_id
 from agentkd.store import Store
@@ -20,14 +21,26 @@ from agentkd.store import Store
 @dataclass(frozen=True)
 class Item:
     id: str
-    text: str
+    text: str  # the rendered item (agentkd/items.py): what every prompt, the student and dedup see
     iteration: int
     source: str
-    answer: str | None = None  # the checkable answer of a held-out item, if known
+    answer: str | None = None  # the checkable answer (gold label) of a held-out item, if known
+    fields: dict | None = None  # a structured item's fields; None: the text is the whole item
+
+    @property
+    def options(self) -> list[str] | None:
+        """A multiple-choice item's options (they go into the explainer's prompt)."""
+        value = (self.fields or {}).get("options")
+        return value if isinstance(value, list) else None
+
+    def fields_json(self) -> str | None:
+        return None if self.fields is None else json.dumps(self.fields, ensure_ascii=False)
 
 
 def initial_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
     """Seeds and the held-out set: from the configured JSONL files, or drawn from the sim's world."""
+    if config.task.has_labels:
+        return _unique_sets(*_label_items(config))
     from agentkd.teachers.sim.world import sample_problems
 
     loop = config.loop
@@ -45,11 +58,64 @@ def initial_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
         heldout_texts = [(r["instruction"], str(r["answer"]) if "answer" in r else None) for r in rows]
     else:
         heldout_texts = [(p.text, str(p.answer)) for p in drawn[loop.seed_count:]]
-    seed_ids = {instruction_id(t) for t, _ in seed_texts}
+    seeds = [Item(instruction_id(t), t, 1, "seed") for t, _ in seed_texts]
+    heldout = [Item(instruction_id(t), t, 0, "heldout", a) for t, a in heldout_texts]
+    return _unique_sets(seeds, heldout)
+
+
+def _unique_sets(seeds: list[Item], heldout: list[Item]) -> tuple[list[Item], list[Item]]:
+    seed_ids = {i.id for i in seeds}
     # An item in both sets would be trained on and then scored: keep it out of the held-out set.
-    heldout_texts = [(t, a) for t, a in heldout_texts if instruction_id(t) not in seed_ids]
-    seeds = _unique([Item(instruction_id(t), t, 1, "seed") for t, _ in seed_texts])
-    heldout = _unique([Item(instruction_id(t), t, 0, "heldout", a) for t, a in heldout_texts])
+    return _unique(seeds), _unique([i for i in heldout if i.id not in seed_ids])
+
+
+def _label_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
+    """Label tasks: items of task.input_fields from the files (held-out rows with a gold "label"), else
+    NLI or multiple-choice items of the sim's label world (teachers/sim/label_world.py)."""
+    from agentkd.items import fields_of_row, item_schema, render
+    from agentkd.roles.explainer import task_definition
+
+    loop, schema, task = config.loop, item_schema(config.task), task_definition(config.task)
+
+    def from_file(path: str, *, gold: bool) -> list[Item]:
+        file = config.resolve_path(path)
+        out = []
+        for number, row in enumerate(read_jsonl(file, ()), start=1):
+            where = f"{file}:{number}"
+            fields = fields_of_row(row, schema, where)
+            answer = None
+            if gold and row.get("label") is not None:
+                options = fields.get("options")
+                answer, why = (task.with_options(options) if isinstance(options, list) else task).canonical(
+                    str(row["label"]))
+                if answer is None:
+                    raise ConfigError(f"{where}: field 'label': {why} (labels: {task.labels_text})")
+            text = render(fields, schema)
+            out.append(Item(instruction_id(text), text, 1 if not gold else 0, "seed" if not gold else "heldout",
+                            answer, fields))
+        return out
+
+    drawn: list = []
+    if loop.seeds is None or loop.heldout is None:
+        if config.task.kind not in ("nli", "multiple_choice"):
+            raise ConfigError("loop.seeds / loop.heldout: a custom label task needs both files (the sim's label "
+                              "world has nli and multiple_choice items only)")
+        from agentkd.teachers.sim.label_world import sample_items
+
+        drawn = sample_items(config.task.kind, loop.seed_count + loop.heldout_count, seed=config.run.seed,
+                             sizes=tuple(loop.world_steps), digits=tuple(loop.world_digits))  # type: ignore[arg-type]
+
+    def world(items: list, *, gold: bool) -> list[Item]:
+        out = []
+        for it in items:
+            text = render(it.fields, schema)
+            out.append(Item(instruction_id(text), text, 0 if gold else 1, "heldout" if gold else "seed",
+                            it.label if gold else None, dict(it.fields)))
+        return out
+
+    seeds = from_file(loop.seeds, gold=False) if loop.seeds is not None else world(drawn[: loop.seed_count], gold=False)
+    heldout = (from_file(loop.heldout, gold=True) if loop.heldout is not None
+               else world(drawn[loop.seed_count:], gold=True))
     return seeds, heldout
 
 
@@ -59,23 +125,28 @@ def _unique(items: list[Item]) -> list[Item]:
 
 
 _POOL_SQL = """
-SELECT id, any_value(text), min(iteration), any_value(source) FROM instructions
+SELECT id, any_value(text), min(iteration), any_value(source), NULL, any_value(fields) FROM instructions
 WHERE pool = 'train' AND rejected_reason IS NULL AND {where} GROUP BY id ORDER BY min(iteration), id
 """
 
 
+def _item(row) -> Item:
+    *head, fields = row
+    return Item(*head, fields=json.loads(fields) if fields else None)
+
+
 def train_pool(store: Store, iteration: int) -> list[Item]:
-    return [Item(*r) for r in store.query(_POOL_SQL.format(where="iteration = ?"), [iteration])]
+    return [_item(r) for r in store.query(_POOL_SQL.format(where="iteration = ?"), [iteration])]
 
 
 def cache_pool(store: Store, iteration: int) -> list[Item]:
-    return [Item(*r) for r in store.query(_POOL_SQL.format(where="iteration <= ?"), [iteration])]
+    return [_item(r) for r in store.query(_POOL_SQL.format(where="iteration <= ?"), [iteration])]
 
 
 def heldout(store: Store) -> list[Item]:
-    rows = store.query("SELECT id, any_value(text), 0, 'heldout', any_value(answer) FROM instructions "
-                       "WHERE pool = 'heldout' GROUP BY id ORDER BY id")
-    return [Item(*r) for r in rows]
+    rows = store.query("SELECT id, any_value(text), 0, 'heldout', any_value(answer), any_value(fields) "
+                       "FROM instructions WHERE pool = 'heldout' GROUP BY id ORDER BY id")
+    return [_item(r) for r in rows]
 
 
 def all_texts(store: Store) -> list[str]:

@@ -36,6 +36,7 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),
         ("iteration", "INTEGER"), ("pool", "VARCHAR"), ("rouge_nearest", "DOUBLE"),
         ("rejected_reason", "VARCHAR"), ("answer", "VARCHAR"), ("created_at", "TIMESTAMP"),
+        ("fields", "VARCHAR"),  # JSON object of a structured item's fields (agentkd/items.py); NULL: plain text
     ],
     "responses": [
         ("instruction_id", "VARCHAR"), ("actor", "VARCHAR"), ("iteration", "INTEGER"),

@@ -79,7 +79,8 @@ def teacher_corpus(store: Store) -> list[str]:
 
 
 def tokenizer_corpus(store: Store) -> list[str]:
-    rows = store.query("SELECT text FROM instructions UNION ALL SELECT text FROM responses WHERE actor = 'teacher'")
+    rows = store.query("SELECT text FROM instructions UNION ALL SELECT text FROM responses WHERE actor = 'teacher' "
+                       "UNION ALL SELECT rationale FROM rationales WHERE rationale IS NOT NULL")  # the explain task's targets
     return [r[0] for r in rows]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from agentkd.gateway import Completion, Gateway
 from agentkd.roles.explainer import Explanation, parse_explanation, parse_rationale
-from agentkd.roles.generator import Generated, parse_generated
+from agentkd.items import GeneratedItem, parse_item
 from agentkd.roles.referee import Judgment, Verdict, combine_orders, parse_judgment
 from agentkd.roles.requests import GeneratorPrompt, RolePrompts
 
@@ -28,13 +28,16 @@ def rationale_selected(text: str, rate: float) -> bool:
 
 
 async def explain(gateway: Gateway, prompts: RolePrompts, text: str, *, with_rationale: bool = True,
-                  gold_label: str | None = None) -> tuple[Explanation, Completion]:
-    """Zero-shot label + reason; with a gold label only the reason is asked (rationalisation)."""
+                  gold_label: str | None = None, options: list[str] | None = None,
+                  tag: str | None = None) -> tuple[Explanation, Completion]:
+    """Zero-shot label + reason; with a gold label only the reason is asked (rationalisation). A
+    multiple-choice item's options go into the prompt's labels block and into the parser's synonyms."""
+    task = prompts.task.with_options(options) if options else prompts.task
     if gold_label is not None:
         completion = await gateway.complete(prompts.explain_given_label(text, gold_label))
-        return parse_rationale(completion.text, gold_label, prompts.task), completion
-    completion = await gateway.complete(prompts.explain(text, with_rationale=with_rationale))
-    return parse_explanation(completion.text, prompts.task), completion
+        return parse_rationale(completion.text, gold_label, task), completion
+    completion = await gateway.complete(prompts.explain(text, with_rationale=with_rationale, options=options, tag=tag))
+    return parse_explanation(completion.text, task), completion
 
 
 @dataclass
@@ -69,10 +72,10 @@ async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, 
 
 async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str, *, prompt: GeneratorPrompt,
                    failed_answer: str | None = None, referee_comparison: str | None = None,
-                   sample: int = 0) -> tuple[Generated, Completion]:
+                   sample: int = 0) -> tuple[GeneratedItem, Completion]:
     """One new instruction from one seed: hard = same kind and difficulty (Lion), easy = rarer (Lion),
     plain = another of the same kind (the random-expansion baseline)."""
     request = prompts.generate(seed_instruction, prompt=prompt, failed_answer=failed_answer,
                                referee_comparison=referee_comparison, sample=sample)
     completion = await gateway.complete(request)
-    return parse_generated(completion.text, completion.finish_reason), completion
+    return parse_item(completion.text, completion.finish_reason, prompts.items), completion

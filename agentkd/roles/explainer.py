@@ -62,10 +62,16 @@ class TaskDefinition:
     min_rationale_words: int = 5
 
     def with_options(self, options: Sequence[str]) -> TaskDefinition:
-        """Multiple choice: also accept each option's text (and its number) as its letter."""
-        extra = {_norm(text): label for text, label in zip(options, self.labels) if _norm(text)}
-        extra.update({str(i): label for i, label in enumerate(self.labels, start=1)})
-        return replace(self, synonyms={**self.synonyms, **extra})
+        """Multiple choice: the item's options. Its labels are the first len(options) letters, the labels
+        block lists them with their text ("a) Paris"), and each option's text (and its number, unless some
+        option's text is that number: for options 4, 3, 7 a reply "3" means the option 3) is accepted as
+        its letter."""
+        labels = self.labels[: len(options)]
+        texts = {_norm(text): label for text, label in zip(options, labels) if _norm(text)}
+        numbers = {str(i): label for i, label in enumerate(labels, start=1) if str(i) not in texts}
+        synonyms = {k: v for k, v in self.synonyms.items() if v in labels and not k.isdigit()}
+        listing = "\n".join(f"{label}) {text}" for label, text in zip(labels, options))
+        return replace(self, labels=labels, synonyms={**synonyms, **numbers, **texts}, labels_text=listing)
 
     def canonical(self, raw: str) -> tuple[str | None, str | None]:
         """(label, None) or (None, why not) for the label part of a reply."""

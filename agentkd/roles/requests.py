@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentkd.config import ConfigError, RunConfig
+from agentkd.items import item_format, item_json_schema, item_schema
 from agentkd.roles.explainer import TaskDefinition, explanation_schema, rationale_schema, task_definition
 from agentkd.roles.generator import generated_schema
 from agentkd.roles.referee import judgment_schema
@@ -36,6 +37,7 @@ class RolePrompts:
     def __init__(self, config: RunConfig) -> None:
         self._config = config
         self.task: TaskDefinition = task_definition(config.task)
+        self.items = item_schema(config.task)
         self.templates: dict[str, Template] = {}
         for role, prompts in ROLE_PROMPTS.items():
             override = config.roles.get(role)  # type: ignore[call-overload]
@@ -63,13 +65,15 @@ class RolePrompts:
         return self._request("answerer", "answerer", {"instruction": instruction},
                              top_logprobs=self._config.teacher.top_logprobs, tag=tag)
 
-    def explain(self, text: str, *, with_rationale: bool = True, options: list[str] | None = None) -> TeacherRequest:
+    def explain(self, text: str, *, with_rationale: bool = True, options: list[str] | None = None,
+                tag: str | None = None) -> TeacherRequest:
         """Zero-shot label + one-sentence reason (2403.15886); label only when with_rationale is False."""
         task = self.task.with_options(options) if options else self.task
         values = {"input": text, "labels": task.labels_text}
         if with_rationale:
-            return self._request("explainer", "explainer", values, schema=("explanation", explanation_schema(task)))
-        return self._request("explainer", "labeler", values)
+            return self._request("explainer", "explainer", values, schema=("explanation", explanation_schema(task)),
+                                 tag=tag)
+        return self._request("explainer", "labeler", values, tag=tag)
 
     def explain_given_label(self, text: str, label: str) -> TeacherRequest:
         values = {"input": text, "labels": self.task.labels_text, "label": label}
@@ -87,8 +91,11 @@ class RolePrompts:
         values: dict[str, str | None] = {"seed_instruction": seed_instruction}
         if prompt == "hard":
             values.update(failed_answer=failed_answer, referee_comparison=referee_comparison)
-        return self._request("generator", f"generator_{prompt}", values, schema=("instruction", generated_schema()),
-                             sample=sample)
+        schema = ("instruction", generated_schema())
+        if self.items.structured:  # a structured item comes back as a JSON object of its fields
+            values["item_format"] = item_format(self.items)
+            schema = ("item", item_json_schema(self.items))
+        return self._request("generator", f"generator_{prompt}", values, schema=schema, sample=sample)
 
 
 def _load(prompt: str, index: int, override: str | None, key: str) -> Template:

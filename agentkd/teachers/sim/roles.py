@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 from agentkd.config import SimSection
-
+from agentkd.teachers.sim import label_world
 from agentkd.teachers.sim.world import (
     KINDS,
     Problem,
@@ -93,12 +93,16 @@ def reply(
     if "answer_a" in blocks and "answer_b" in blocks:
         if _referee_faulted(blocks, faults):
             return Reply("referee", _pick(UNPARSEABLE_JUDGMENTS, "form", *blocks.values()))
-        return Reply("referee", _referee(blocks, rng, error_rate, prose_rate))
+        labelled = label_world.referee(blocks, rng, error_rate)  # None: not a label-world item
+        return Reply("referee", labelled if labelled is not None else _referee(blocks, rng, error_rate, prose_rate))
     if "seed_instruction" in blocks:
         easy = bool(_RARER.search(outside))
-        text = _generator(blocks["seed_instruction"], easy, rng)
+        item = label_world.generate(blocks["seed_instruction"], easy=easy, rng=rng)
+        text = json.dumps(item) if item is not None else _generator(blocks["seed_instruction"], easy, rng)
         if faults.generator_bad_rate and _share("generator", user) < faults.generator_bad_rate:
-            text = _pick(bad_generations(json.loads(text)["instruction"]), "form", user)
+            bad = label_world.bad_generations(item) if item is not None else bad_generations(
+                json.loads(text)["instruction"])
+            text = _pick(bad, "form", user)
         return Reply("generator", text)
     if "input" in blocks and "labels" in blocks:
         if "label" in blocks:
@@ -106,11 +110,19 @@ def reply(
         if faults.explainer_no_label_rate and _share("explainer", blocks["input"]) < faults.explainer_no_label_rate:
             return Reply("explainer", json.dumps({"rationale": NO_LABEL_REASON}) if json_mode
                          else f"Reason: {NO_LABEL_REASON}")
+        with_reason = bool(_REASON.search(outside))
+        labelled = label_world.explain(blocks["input"], json_mode=json_mode, with_reason=with_reason, rng=rng,
+                                       error_rate=error_rate)
+        if labelled is not None:
+            return Reply("explainer", labelled)
         text = _explain(blocks["input"], json_mode, rng, phrasing, error_rate)
-        if not _REASON.search(outside) and not json_mode:
+        if not with_reason and not json_mode:
             text = text.split("\n", 1)[0]  # a label-only prompt gets only the label line, as a model would
         return Reply("explainer", text)
     instruction = blocks.get("instruction", user if not blocks else "")
+    labelled = label_world.answer(instruction, json_mode=json_mode, rng=rng, error_rate=error_rate)
+    if labelled is not None:
+        return Reply("answerer", labelled)
     return Reply("answerer", _answer(instruction, json_mode, rng, phrasing, error_rate))
 
 

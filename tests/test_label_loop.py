@@ -1,0 +1,128 @@
+"""Label tasks through the whole loop on the sim's label world: NLI learnt by rationale distillation,
+multiple choice with its options in the explainer's prompt."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agentkd.cli import main
+from agentkd.config import load_config
+from agentkd.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
+def _store(run_dir: Path) -> Store:
+    return Store(run_dir / "agentkd.duckdb", read_only=True)
+
+
+def test_label_examples_load() -> None:
+    nli = load_config(ROOT / "examples/nli_quickstart.toml")
+    assert nli.task.kind == "nli" and nli.train.objective == "rationale" and nli.loop.rationale_rate == 0.5
+    assert nli.discriminate == "label" and nli.teacher.provider == "sim"
+    mine = load_config(ROOT / "examples/classify_your_data.toml")
+    assert mine.teacher.provider == "openai" and mine.task.input_fields == ["text"]
+    assert mine.loop.seeds and mine.loop.heldout and mine.discriminate == "label"
+
+
+@pytest.mark.slow
+def test_nli_quickstart_rationale_student_beats_the_untrained_one_and_the_majority_label(tmp_path, capsys):
+    """The NLI quickstart, one iteration: its held-out accuracy must beat the majority label's rate by
+    a margin a student guessing at that rate reaches with probability under 1e-6 (and the untrained one)."""
+    args = ["run", str(ROOT / "examples/nli_quickstart.toml"), "--no-progress",
+            "--set", f"run.dir={tmp_path}", "--set", "loop.iterations=1", "--set", "loop.new_per_iteration=40",
+            "--set", "loop.judge_sample=100"]
+    assert main(args) == 0
+    run_dir = tmp_path / "nli-quickstart"
+    store = _store(run_dir)
+    try:
+        accuracy = dict(store.query("SELECT iteration, value FROM metrics WHERE name = 'accuracy'"))
+        gold = [r[0] for r in store.query("SELECT answer FROM instructions WHERE pool = 'heldout'")]
+        n = len(gold)
+        majority = max(Counter(gold).values()) / n
+        correct = round(accuracy[1] * n)
+        assert binomial_tail(correct, n, max(majority, accuracy[0])) < 1e-6, (accuracy, majority)
+        # The loop ran the method: rationales for about XR = half the rows, the label prompt for the rest.
+        kinds = dict(store.query("SELECT rationale IS NOT NULL, count(*) FROM rationales WHERE parsed_ok GROUP BY 1"))
+        assert 0.35 < kinds[True] / (kinds[True] + kinds[False]) < 0.65
+        assert store.query("SELECT objective FROM train_runs")[0][0] == "rationale"
+        # label discrimination: verdicts but no referee call, and the saving reported
+        assert store.query("SELECT count(*) FROM calls WHERE role IN ('referee', 'answerer')")[0][0] == 0
+        assert {r[0] for r in store.query("SELECT DISTINCT label FROM verdicts")} <= {"hard", "easy"}
+        saved = store.query("SELECT value FROM metrics WHERE name = 'referee_usd_saved' AND iteration = 1")[0][0]
+        assert saved > 0
+        # generated items came back as fields, parsed into the item schema
+        fields = [json.loads(r[0]) for r in store.query(
+            "SELECT fields FROM instructions WHERE source IN ('hard', 'easy') AND pool = 'train'")]
+        assert fields and all(set(f) == {"premise", "hypothesis"} for f in fields)
+    finally:
+        store.close_sync()
+    assert main(["export", str(run_dir), "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "export" / "training_data.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["fields"]) == {"premise", "hypothesis"} for r in rows)
+    assert all(r["label"] in ("entailment", "neutral", "contradiction") for r in rows if r["label"])
+
+
+MC_CONFIG = """
+[run]
+name = "mc"
+dir = "{runs}"
+[teacher]
+provider = "sim"
+structured_output = false
+[sim]
+error_rate = 0.0
+generator_bad_rate = 0.2
+[budget]
+usd = 1.0
+[task]
+kind = "multiple_choice"
+[train]
+objective = "sft"
+max_steps = 20
+max_new_tokens = 4
+cpu_threads = 1
+[loop]
+iterations = 1
+seed_count = 40
+heldout_count = 20
+new_per_iteration = 20
+judge_sample = 20
+rouge_max = 0.95
+"""
+
+
+@pytest.mark.slow
+def test_multiple_choice_loop_sends_options_to_the_explainer(tmp_path):
+    config = tmp_path / "mc.toml"
+    config.write_text(MC_CONFIG.format(runs=tmp_path))
+    assert main(["run", str(config), "--no-progress"]) == 0
+    store = _store(tmp_path / "mc")
+    try:
+        items = {r[0]: json.loads(r[1]) for r in store.query(
+            "SELECT text, any_value(fields) FROM instructions WHERE pool = 'train' GROUP BY text")}
+        prompts = [json.loads(r[0]) for r in store.query("SELECT request_json FROM calls WHERE role = 'explainer'")]
+        assert len(prompts) >= 40
+        for request in prompts:
+            user = request["messages"][-1]["content"]
+            text = user.split('<data name="input">\n', 1)[1].split("\n</data>", 1)[0]
+            options = items[text]["options"]
+            listing = "\n".join(f"{letter}) {o}" for letter, o in zip("abcde", options))
+            assert f'<data name="labels">\n{listing}\n</data>' in user
+        labels = {r[0] for r in store.query("SELECT label FROM rationales WHERE parsed_ok")}
+        assert labels and labels <= set("abcde")
+        rejected = [r[0] for r in store.query("SELECT rejected_reason FROM instructions WHERE pool = 'rejected'")]
+        assert any(r and ("field" in r or "expected one JSON object" in r or "no JSON" in r) for r in rejected)
+        assert store.query("SELECT count(*) FROM metrics WHERE name = 'accuracy' AND iteration = 1")[0][0] == 1
+    finally:
+        store.close_sync()
