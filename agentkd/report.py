@@ -308,6 +308,12 @@ def render_markdown(run: RunData, drawn: dict[str, Path]) -> str:
             out += [f"Not measured in this run: {', '.join(f'`{n}`' for n in missing)}.", ""]
         out += [("Iteration 0 is the student before any training. Accuracy is on the held-out set; the "
                  "capability ratio is the sum of referee scores for the student over the teacher's."), ""]
+        saved = [(run.value(i, "referee_usd_saved"), run.value(i, "referee_usd_saved_worst_case")) for i in run.iterations]
+        saved = [(lo, hi) for lo, hi in saved if lo is not None and hi is not None]
+        if saved:  # loop.discriminate = "label": hard/easy without the referee
+            out += [(f"Hard/easy by label (the student's label against the teacher's): no referee calls; both "
+                     f"orders would have cost ${sum(lo for lo, _ in saved):.4f} (input) .. "
+                     f"${sum(hi for _, hi in saved):.4f} (worst case) over {len(saved)} iteration(s)."), ""]
 
     out += _spend_section(run) + _train_section(run) + _proxy_section(run) + _plots_section(run, drawn)
     out += _notes_section(run)

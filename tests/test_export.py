@@ -28,7 +28,7 @@ def test_jsonl_export_has_accepted_rows_in_iteration_then_id_order(tmp_path):
     # s1: first seen in iteration 0, latest teacher answer, the parsed rationale (not the later failed one)
     assert by_id["s1"] == {"id": "s1", "instruction": "What is 2+3?", "teacher_answer": "5",
                            "rationale": "Two plus three makes five.", "label": "5", "source": "seed",
-                           "parent_id": None, "iteration": 0}
+                           "parent_id": None, "iteration": 0, "fields": None}  # a plain, unstructured item
     assert by_id["h1"]["source"] == "hard" and by_id["h1"]["parent_id"] == "s2"
     assert by_id["e1"]["rationale"] is None and by_id["e1"]["label"] is None
 

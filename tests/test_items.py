@@ -67,9 +67,10 @@ def test_generator_prompt_asks_for_the_item_fields() -> None:
     request = prompts.generate("question: q?\noptions:\na) x\nb) y", prompt="hard")
     user = request.messages[-1]["content"]
     assert '<data name="item_format">' in user and '"options"' in user
+    assert request.prompt_version.startswith("generator_hard_item:")
     assert set(request.response_format["schema"]["required"]) == {"question", "options"}
     plain = RolePrompts(config_from_dict({})).generate("Add 2 and 3.", prompt="hard")
-    assert "item_format" not in plain.messages[-1]["content"].split("If a block")[0]
+    assert "item_format" not in plain.messages[-1]["content"] and plain.prompt_version.startswith("generator_hard:")
 
 
 def test_mc_options_reach_the_explainer_labels_block() -> None:

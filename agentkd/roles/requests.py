@@ -24,7 +24,8 @@ ROLE_PROMPTS: dict[str, tuple[str, ...]] = {
     "answerer": ("answerer",),
     "explainer": ("explainer", "labeler", "explainer_given_label"),
     "referee": ("referee",),
-    "generator": ("generator_hard", "generator_easy", "generator_plain"),
+    "generator": ("generator_hard", "generator_easy", "generator_plain",
+                  "generator_hard_item", "generator_easy_item", "generator_plain_item"),
 }
 # Generator prompts: Lion's two (hard seed -> same kind and difficulty, easy seed -> rarer), and the
 # plain "another of the same kind" prompt of the random-expansion baseline (loop.selection = "random").
@@ -91,11 +92,12 @@ class RolePrompts:
         values: dict[str, str | None] = {"seed_instruction": seed_instruction}
         if prompt == "hard":
             values.update(failed_answer=failed_answer, referee_comparison=referee_comparison)
-        schema = ("instruction", generated_schema())
         if self.items.structured:  # a structured item comes back as a JSON object of its fields
             values["item_format"] = item_format(self.items)
-            schema = ("item", item_json_schema(self.items))
-        return self._request("generator", f"generator_{prompt}", values, schema=schema, sample=sample)
+            return self._request("generator", f"generator_{prompt}_item", values,
+                                 schema=("item", item_json_schema(self.items)), sample=sample)
+        return self._request("generator", f"generator_{prompt}", values, schema=("instruction", generated_schema()),
+                             sample=sample)
 
 
 def _load(prompt: str, index: int, override: str | None, key: str) -> Template:

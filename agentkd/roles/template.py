@@ -24,9 +24,13 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "labeler": ("input", "labels"),
     "explainer_given_label": ("input", "labels", "label"),
     "referee": ("instruction", "answer_a", "answer_b"),
-    "generator_hard": ("seed_instruction", "?failed_answer", "?referee_comparison", "?item_format"),
-    "generator_easy": ("seed_instruction", "?item_format"),
-    "generator_plain": ("seed_instruction", "?item_format"),
+    "generator_hard": ("seed_instruction", "?failed_answer", "?referee_comparison"),
+    "generator_easy": ("seed_instruction",),
+    "generator_plain": ("seed_instruction",),
+    # The same three for structured items (label tasks): the reply is a JSON object of item_format's fields.
+    "generator_hard_item": ("seed_instruction", "?failed_answer", "?referee_comparison", "item_format"),
+    "generator_easy_item": ("seed_instruction", "item_format"),
+    "generator_plain_item": ("seed_instruction", "item_format"),
 }
 # Shipped files that are not a prompt's built-in but an alternative a role's `prompt` may select:
 # file stem -> the prompt it stands in for (e.g. `[roles.explainer] prompt = "prompts/explainer_6shot.md"`).

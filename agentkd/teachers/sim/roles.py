@@ -7,6 +7,8 @@ plain prompt alike, a new problem of the seed's kind, steps and digits); input +
 explainer (label only when the prompt outside the blocks asks for no reason, like prompts/labeler.md;
 worked examples outside the blocks, as in prompts/explainer_6shot.md, change nothing); otherwise
 answerer, whose instruction is the `instruction` block or, without blocks, the whole last user message.
+A block that holds an item of the label world (label_world.py: NLI and multiple choice) is answered there,
+in each role; anything else in the arithmetic world.
 
 Output faults (SimSection.referee_unparseable_rate, referee_one_order_rate, generator_bad_rate,
 explainer_no_label_rate): replies that are no usable data, each form one that its parser must reject.
