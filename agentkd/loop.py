@@ -32,6 +32,7 @@ from agentkd.config import RunConfig
 from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.ledger import spend_text
 from agentkd.roles import calls
+from agentkd.proxy_check import weaker_than_student
 from agentkd.selection import Draw, generator_draws, judge_metrics
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.students import Student
@@ -173,6 +174,9 @@ class Lion:
             first, last = rows[0], rows[-1]
             self.console.print(f"proxy: held-out log p per token {first[1]:.3f} -> {last[1]:.3f} "
                                f"(student {last[2]:.3f}) over {len(rows) - 1} stage(s)")
+            warning = weaker_than_student(last[1], last[2])
+            if warning is not None:
+                self.console.print(labelled("proxy warning:", "yellow", warning))
 
     async def train(self, t: int) -> None:
         """Fine-tune on A(t) (or all of B(t)), continuing from iteration t-1 (Lion), in a worker thread."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agentkd.export import open_run_store
+from agentkd.proxy_check import weaker_than_student
 from agentkd.store import Store
 
 SPEND_ROLES = ("answerer", "explainer", "referee", "generator", "eval")
@@ -354,8 +355,12 @@ def _proxy_section(run: RunData) -> list[str]:
     rows = [[str(p["iteration"]), p["stage"], _num(p["steps"]), _num(p["examples"]), _num(p["loss"], 4),
              _num(p["seconds"], 1), _num(p["proxy_logp"]), _num(p["student_logp"])] for p in run.proxy_stages]
     header = ["iter", "stage", "steps", "examples", "loss", "seconds", "proxy log p / token", "student log p / token"]
+    last_stage = {p["iteration"]: p for p in run.proxy_stages}  # stages come in order: the last one wins
+    warnings = [f"**Iteration {t}:** {w}." for t, p in last_stage.items()
+                if (w := weaker_than_student(p["proxy_logp"], p["student_logp"])) is not None]
     return ["## The proxy", ""] + _table(header, rows) + [
-        "", "Log p per token of held-out teacher answers (the KD role, which the proxy never trains on).", ""]
+        "", "Log p per token of held-out teacher answers (the KD role, which the proxy never trains on).", ""] + (
+        [*warnings, ""] if warnings else [])
 
 
 def _plots_section(run: RunData, drawn: dict[str, Path]) -> list[str]:

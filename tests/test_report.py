@@ -206,3 +206,19 @@ def test_report_while_a_run_writes_names_the_lock_holder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_report_warns_where_the_proxy_ends_an_iteration_below_the_student(tmp_path):
+    run_dir = make_run(tmp_path / "demo")
+    store = Store(run_dir / "agentkd.duckdb")
+    t0 = dt.datetime(2025, 1, 1)
+    store.append_now("proxy_stages", [  # iteration 1 ends below the student, iteration 2 above it
+        {"iteration": i, "stage": stage, "steps": 10, "examples": 20, "seconds": 1.0, "proxy_logp": lp,
+         "student_logp": -1.0, "created_at": t0 + dt.timedelta(seconds=n)}
+        for n, (i, stage, lp) in enumerate([(1, "before", -4.0), (1, "warmup", -1.5), (2, "before", -1.5),
+                                            (2, "warmup", -0.5)])])
+    store.close_sync()
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    assert "**Iteration 1:** the proxy predicts held-out teacher answers worse than the student" in text
+    assert "(log p per token -1.500 < -1.000)" in text
+    assert "**Iteration 2:**" not in text  # ahead of the student by its last stage
