@@ -134,3 +134,21 @@ def test_multiple_choice_loop_sends_options_to_the_explainer(tmp_path):
         assert store.query("SELECT count(*) FROM metrics WHERE name = 'accuracy' AND iteration = 1")[0][0] == 1
     finally:
         store.close_sync()
+
+
+@pytest.mark.slow
+def test_label_task_with_the_referee_judges_labels_in_both_orders(tmp_path):
+    """loop.discriminate = "referee" on a label task: Lion's referee, both orders, over label answers."""
+    config = tmp_path / "mc.toml"
+    config.write_text(MC_CONFIG.format(runs=tmp_path).replace("[loop]", '[loop]\ndiscriminate = "referee"\n'
+                                                              "eval_judge_sample = 5"))
+    assert main(["run", str(config), "--no-progress"]) == 0
+    store = _store(tmp_path / "mc")
+    try:
+        assert store.query("SELECT count(DISTINCT \"order\") FROM judgments")[0][0] == 2
+        labels = {r[0] for r in store.query("SELECT label FROM verdicts")}
+        assert labels <= {"hard", "easy", "unscored"} and "hard" in labels  # an untrained student's labels lose
+        assert store.query("SELECT count(*) FROM metrics WHERE name = 'referee_usd_saved'")[0][0] == 0
+        assert store.query("SELECT value FROM metrics WHERE name = 'capability_ratio' AND iteration = 1")
+    finally:
+        store.close_sync()
