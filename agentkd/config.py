@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agentkd.shipped import resolve_shipped
+
 
 class ConfigError(Exception):
     """Bad configuration or input; the CLI maps it to exit code 2. The message names the key and file."""
@@ -55,11 +57,11 @@ class SimSection(Section):
     latency_ms: float = Field(0.0, ge=0, description="Mean response latency.")
     latency_jitter: float = Field(0.0, ge=0, le=1, description="Relative spread of the latency.")
     error_rate: float = Field(0.1, ge=0, le=1, description="Share of answers with a wrong final number.")
-    fault_500: float = Field(0.0, ge=0, le=1)
-    fault_503: float = Field(0.0, ge=0, le=1)
-    fault_529: float = Field(0.0, ge=0, le=1)
+    fault_500: float = Field(0.0, ge=0, le=1, description="Share of requests answered 500.")
+    fault_503: float = Field(0.0, ge=0, le=1, description="Share of requests answered 503.")
+    fault_529: float = Field(0.0, ge=0, le=1, description="Share of requests answered 529 (Anthropic's overloaded).")
     fault_slow_read: float = Field(0.0, ge=0, le=1, description="Share of replies delayed slow_read_s.")
-    slow_read_s: float = Field(30.0, ge=0)
+    slow_read_s: float = Field(30.0, ge=0, description="Delay of a slow-read reply.")
     fault_drop: float = Field(0.0, ge=0, le=1, description="Share of connections dropped mid-body.")
     fault_truncated: float = Field(0.0, ge=0, le=1, description="Share of 200s with truncated JSON.")
     require_api_key: str | None = Field(
@@ -86,8 +88,12 @@ class SimSection(Section):
 
 
 class TeacherSection(Section):
-    provider: ProviderName = "sim"
-    model: str = "sim-teacher-1"
+    provider: ProviderName = Field(
+        "sim", description="Teacher API: openai, anthropic, openai_compatible (vLLM, Ollama...) or sim (the offline stand-in)."
+    )
+    model: str = Field(
+        "sim-teacher-1", description="Teacher model name as the provider spells it; [prices.<model>] prices it."
+    )
     base_url: str | None = Field(None, description="Endpoint for openai_compatible (vLLM, Ollama...).")
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (never the key)."
@@ -100,12 +106,19 @@ class TeacherSection(Section):
 
 
 class RoleOverride(Section):
-    provider: ProviderName | None = None
-    model: str | None = None
+    """One role's settings where they differ from [teacher] and the role's defaults; <role> is answerer,
+    explainer, referee or generator (`[roles.referee] model = "..."`)."""
+
+    provider: ProviderName | None = Field(None, description="This role's provider, when not the teacher's.")
+    model: str | None = Field(None, description="This role's model, when not the teacher's.")
     base_url: str | None = Field(None, description="Endpoint, when the role uses another provider.")
     api_key_env: str | None = Field(None, description="Key variable, when the role uses another provider.")
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, gt=0)
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature (default per role: answerer 0.7, explainer 0, referee 0.2, generator 1)."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Output cap per call, also what the budget reserves (default: answerer 512, explainer 256, referee 512, generator 256)."
+    )
     prompt: str | None = Field(None, description="Path of a prompt template replacing the built-in.")
 
 
@@ -121,13 +134,13 @@ ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 class LimitsSection(Section):
     rpm: int | None = Field(None, gt=0, description="Requests/min ceiling (None: learn from headers).")
     tpm: int | None = Field(None, gt=0, description="Total tokens/min ceiling.")
-    input_tpm: int | None = Field(None, gt=0)
-    output_tpm: int | None = Field(None, gt=0)
-    max_concurrency: int = Field(32, gt=0)
+    input_tpm: int | None = Field(None, gt=0, description="Input tokens/min ceiling.")
+    output_tpm: int | None = Field(None, gt=0, description="Output tokens/min ceiling.")
+    max_concurrency: int = Field(32, gt=0, description="Most requests in flight at once.")
     timeout_s: float = Field(60.0, gt=0, description="Per-attempt timeout.")
     max_attempts: int = Field(6, ge=1, description="Attempts per request, first one included.")
-    backoff_base_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
+    backoff_base_s: float = Field(0.5, gt=0, description="First retry backoff; doubles per attempt (full jitter).")
+    backoff_max_s: float = Field(30.0, gt=0, description="Cap on one retry backoff.")
     max_wait_s: float = Field(
         120.0, gt=0, description="A Retry-After longer than this defers the item instead of waiting."
     )
@@ -139,16 +152,34 @@ class BudgetSection(Section):
 
 
 class PriceSection(Section):
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
-    cached_input_per_mtok: float | None = Field(None, ge=0)
-    batch_discount: float = Field(0.0, ge=0, lt=1)
+    """The price of one model (`[prices."gpt-4o-mini"]`): required for every model in use when budget.usd
+    is set; the sim teacher's nominal price is built in."""
+
+    input_per_mtok: float = Field(ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(ge=0, description="USD per million output tokens.")
+    cached_input_per_mtok: float | None = Field(
+        None, ge=0, description="USD per million cached input tokens (None: the input price)."
+    )
+    batch_discount: float = Field(
+        0.0, ge=0, lt=1, description="Share off for batch APIs; not applied yet (agentkd sends no batch requests)."
+    )
 
 
 class TaskSection(Section):
-    """What the explainer labels. Built-ins: arithmetic (the sim's world), nli, multiple_choice."""
+    """What the student learns to answer, and how a held-out answer is checked.
 
-    kind: Literal["arithmetic", "nli", "multiple_choice", "custom"] = "arithmetic"
+    kind = "arithmetic" (the sim's world): an item is one `instruction`, the teacher answers in free
+    text, and an answer is right when its final number is the expected `answer`. The label tasks: "nli"
+    (items: premise, hypothesis; labels: entailment, neutral, contradiction), "multiple_choice"
+    (question, options; a to e) and "custom" (your task.input_fields and task.labels). task.labels
+    replaces a built-in label set. In a label task the explainer's label is the teacher's answer (a reply
+    whose label is outside the set is a parse failure), and a held-out answer is right when the label it
+    gives (a synonym, an option's text or number) is the gold `label`.
+    """
+
+    kind: Literal["arithmetic", "nli", "multiple_choice", "custom"] = Field(
+        "arithmetic", description="What the explainer labels: arithmetic (a whole number), nli, multiple_choice, or custom (task.labels)."
+    )
     labels: list[str] = Field(default_factory=list, description="Label set (custom/nli).")
     synonyms: dict[str, str] = Field(default_factory=dict, description="Extra synonym -> label map.")
     input_fields: list[str] = Field(
@@ -188,26 +219,34 @@ class StudentSection(Section):
 
 
 class LoraSection(Section):
-    enabled: bool = False
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names LoRA wraps (a student spec's lora_targets overrides this)."
+    )
 
 
 class TrainSection(Section):
-    objective: ObjectiveName = "sft"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    epochs: float = Field(3.0, gt=0)
+    objective: ObjectiveName = Field(
+        "sft", description="sft (imitate answers), rationale (label + rationale multi-task), posterior_kd or proxy_kd (need a proxy)."
+    )
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant after warm-up).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up steps.")
+    epochs: float = Field(
+        3.0, gt=0, description="Passes over the examples per training call (max_seconds/max_steps stop it sooner)."
+    )
     max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per training call.")
     max_steps: int | None = Field(
         None, gt=0, description="Cap on optimiser steps per training call: a budget that does not depend on machine load."
     )
-    batch_size: int = Field(32, gt=0)
-    max_len: int = Field(128, gt=0)
-    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, gt=0, description="Sequences per optimiser step.")
+    max_len: int = Field(
+        128, gt=0, description="Most tokens per training sequence (prompt + answer); longer ones are cut."
+    )
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     max_new_tokens: int = Field(48, gt=0, description="Decoding cap for student answers.")
     cpu_threads: int | None = Field(
         None, gt=0, description="torch threads on CPU (None: torch's default). Tiny students run fastest on 1."
@@ -215,15 +254,23 @@ class TrainSection(Section):
     student_temperature: float = Field(0.7, ge=0, description="Lion: the student answers at 0.7.")
     lora: LoraSection = Field(default_factory=LoraSection)
     # rationale (2403.15886): L = a * CE(label) + (1 - a) * CE(rationale)
-    rationale_alpha: float = Field(0.5, ge=0, le=1)
+    rationale_alpha: float = Field(
+        0.5, ge=0, le=1, description="rationale: weight a of the label loss, 1 - a on the rationale (2403.15886)."
+    )
     # posterior_kd (agentkd formulation of 2401.07013 v1)
-    kd_lambda: float = Field(1.0, ge=0)
-    ngram_n: int = Field(3, ge=1)
-    prior_eps: float = Field(0.1, ge=0, le=1)
-    ngram_add_k: float = Field(0.1, gt=0)
-    dirichlet_alpha: float = Field(1.0, ge=0)
-    dirichlet_beta: float = Field(1.0, ge=0)
-    logprob_gamma: float = Field(1.0, ge=0)
+    kd_lambda: float = Field(1.0, ge=0, description="posterior_kd/proxy_kd: weight of the KL term added to the NLL.")
+    ngram_n: int = Field(3, ge=1, description="posterior_kd: order of the n-gram prior over teacher answers.")
+    prior_eps: float = Field(
+        0.1, ge=0, le=1, description="posterior_kd: mass of the n-gram prior next to the teacher's token in p0."
+    )
+    ngram_add_k: float = Field(0.1, gt=0, description="posterior_kd: add-k smoothing of the n-gram prior.")
+    dirichlet_alpha: float = Field(
+        1.0, ge=0, description="posterior_kd: weight of p0 (teacher token + prior) in the posterior."
+    )
+    dirichlet_beta: float = Field(1.0, ge=0, description="posterior_kd: weight of the proxy's q in the posterior.")
+    logprob_gamma: float = Field(
+        1.0, ge=0, description="posterior_kd: weight of the provider's top logprobs in the posterior (0: unused)."
+    )
     top_k: int = Field(16, gt=0, description="posterior_kd: the proxy q's top ids in each position's support.")
     prior_top_k: int = Field(8, gt=0, description="posterior_kd: the n-gram prior's top ids in each position's support.")
     target_chunk_logits: int = Field(
@@ -241,9 +288,9 @@ class TrainSection(Section):
         description="Stable per-example roles by a hash of the instruction: proxy warm-up, proxy alignment, "
         "student KD (Proxy-KD's 10/45/45). The student learns NLL from every answer, KD only on the last role.",
     )
-    align_rounds: int = Field(2, ge=0)
-    dpo_beta: float = Field(0.1, gt=0)
-    proxy_top_k: int = Field(10, gt=0)
+    align_rounds: int = Field(2, ge=0, description="proxy: rounds of NLL + DPO alignment after the SFT warm-up.")
+    dpo_beta: float = Field(0.1, gt=0, description="proxy: DPO beta.")
+    proxy_top_k: int = Field(10, gt=0, description="proxy_kd: the proxy's top ids kept per position in the KD target.")
     proxy_epochs: float = Field(1.0, gt=0, description="Epochs of each proxy stage (warm-up, each round).")
     proxy_max_seconds: float | None = Field(None, gt=0, description="Wall-clock cap per proxy stage.")
     proxy_max_steps: int | None = Field(None, gt=0, description="Cap on optimiser steps per proxy stage.")
@@ -266,7 +313,21 @@ class TrainSection(Section):
 
 
 class LoopSection(Section):
-    iterations: int = Field(3, ge=1)
+    """The Lion loop (`agentkd run`), and the two data sets it starts from.
+
+    loop.seeds is a JSONL file of your seed items, no answers needed: one `instruction` per row for
+    task.kind = "arithmetic", the fields of task.input_fields for a label task (other fields are
+    ignored). The teacher answers them in iteration 1, they are the first Train Pool, and the generator
+    writes new items from them. loop.heldout is the JSONL set the student is scored on before training
+    and after every iteration: the same fields, plus the gold answer where you know it (`answer` for
+    arithmetic, `label` for a label task). Accuracy counts the rows that have one; the referee's
+    capability ratio uses loop.eval_judge_sample of them. A held-out item that is also a seed is dropped
+    from the held-out set. Either file left unset is drawn from the simulated teacher's worlds
+    (loop.seed_count / loop.heldout_count arithmetic problems, or nli / multiple_choice items), which fit
+    only the sim teacher: set both for a real one.
+    """
+
+    iterations: int = Field(3, ge=1, description="Lion iterations (imitate -> discriminate -> generate).")
     selection: Literal["lion", "random"] = Field(
         "lion", description="Generator seeds: Lion's judged hard/easy ones, or drawn uniformly from the Cache "
         "Pool with a plain prompt and no referee (the random-expansion baseline)."
@@ -276,17 +337,23 @@ class LoopSection(Section):
     heldout: str | None = Field(
         None, description="JSONL held-out set: the item's fields and its gold answer ('label' for label tasks, "
         "'answer' for arithmetic); None: drawn from the sim world.")
-    heldout_count: int = Field(200, gt=0)
+    heldout_count: int = Field(
+        200, gt=0, description="Held-out problems drawn from the sim's world when loop.heldout is None."
+    )
     world_steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: steps range.")
     world_digits: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: digits range.")
     eval_judge_sample: int = Field(
         50, ge=0, description="Held-out items judged by the referee per iteration (capability ratio)."
     )
     tau: float = Field(1.0, ge=0, description="Hard iff teacher_score - student_score >= tau.")
-    new_per_iteration: int = Field(200, gt=0)
-    hard_fraction: float = Field(0.5, ge=0, le=1)
+    new_per_iteration: int = Field(200, gt=0, description="New instructions the generator is asked for per iteration.")
+    hard_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of generator draws from hard seeds (the rest from easy ones)."
+    )
     judge_sample: int | Literal["all"] = Field(200, description="Cache Pool items judged per iteration.")
-    rouge_max: float = Field(0.7, gt=0, le=1)
+    rouge_max: float = Field(
+        0.7, gt=0, le=1, description="A new instruction with ROUGE-L above this against any known one is a duplicate."
+    )
     rationale_rate: float = Field(1.0, ge=0, le=1, description="XR: share of rows asked for rationales.")
     imitate_on: Literal["train_pool", "cache_pool"] = Field(
         "train_pool",
@@ -359,8 +426,9 @@ class RunConfig(Section):
         return self.resolve_path(self.run.dir) / self.run.name
 
     def resolve_path(self, value: str) -> Path:
-        """Relative paths in a config are taken from the current directory, like any CLI argument."""
-        return Path(value).expanduser()
+        """Relative paths in a config are taken from the current directory, like any CLI argument; a
+        `students/...` or `prompts/...` path not found there is the shipped file (shipped.py)."""
+        return resolve_shipped(value)
 
     def role(self, role: str) -> ResolvedRole:
         override = self.roles.get(role, RoleOverride())  # type: ignore[call-overload]

@@ -48,24 +48,28 @@ class StudentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field("tiny", description="Label used in logs and reports.")
-    kind: Literal["from_config", "pretrained"] = "from_config"
+    kind: Literal["from_config", "pretrained"] = Field(
+        "from_config", description="from_config (a small Llama built here, no download) or pretrained (name_or_path)."
+    )
     name_or_path: str | None = Field(None, description="pretrained: local folder or hub id.")
     tokenizer: Literal["bpe", "byte", "shared"] = Field(
         "bpe", description="from_config: BPE trained on the corpus, ByT5 bytes, or another student's."
     )
     vocab_size: int = Field(512, gt=0, description="BPE: the most tokens to learn (digits 0-9 always).")
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
+    hidden_size: int = Field(64, gt=0, description="from_config: model width.")
+    intermediate_size: int = Field(128, gt=0, description="from_config: MLP width.")
+    num_layers: int = Field(4, gt=0, description="from_config: transformer layers.")
+    num_heads: int = Field(4, gt=0, description="from_config: attention heads.")
     num_kv_heads: int | None = Field(None, gt=0, description="None: same as num_heads (no GQA).")
-    max_position_embeddings: int = Field(256, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool = True
+    max_position_embeddings: int = Field(256, gt=0, description="from_config: longest sequence (prompt + answer).")
+    rope_theta: float = Field(10000.0, gt=0, description="from_config: RoPE base.")
+    tie_word_embeddings: bool = Field(True, description="Share input and output embeddings.")
     lora_targets: list[str] | None = Field(
         None, description="Module names LoRA wraps for this architecture; overrides train.lora.targets."
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="pretrained: allow the model's own code (transformers trust_remote_code)."
+    )
 
 
 @dataclass

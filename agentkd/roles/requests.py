@@ -16,6 +16,7 @@ from agentkd.roles.explainer import TaskDefinition, explanation_schema, rational
 from agentkd.roles.generator import generated_schema
 from agentkd.roles.referee import judgment_schema
 from agentkd.roles.template import Template, TemplateError, load_template
+from agentkd.shipped import resolve_shipped
 from agentkd.teachers.base import TeacherRequest
 
 # role -> the prompts it sends; a role's `prompt` override names a file (its first prompt) or a folder
@@ -103,7 +104,7 @@ class RolePrompts:
 def _load(prompt: str, index: int, override: str | None, key: str) -> Template:
     path: Path | None = None
     if override is not None:
-        candidate = Path(override)
+        candidate = resolve_shipped(override)  # e.g. "prompts/explainer_6shot.md" from any directory
         if candidate.is_dir():
             path = candidate / f"{prompt}.md" if (candidate / f"{prompt}.md").exists() else None
         elif index == 0:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agentkd.roles.lookalikes import find_folded
+from agentkd.shipped import shipped_dir
 
 # Placeholders each built-in prompt may use ("?" marks optional ones). A custom template given for a
 # prompt may use any subset of these names, never others: the caller only has these values.
@@ -54,11 +54,8 @@ class TemplateError(Exception):
 
 def builtin_prompts_dir() -> Path:
     """prompts/ at the repository root (a source checkout or an editable install), else the copy a
-    wheel install puts in <prefix>/share/agentkd/prompts."""
-    checkout = Path(__file__).resolve().parents[2] / "prompts"
-    if checkout.is_dir():
-        return checkout
-    return Path(sys.prefix) / "share" / "agentkd" / "prompts"
+    wheel carries as package data (agentkd/prompts)."""
+    return shipped_dir("prompts")
 
 
 def neutralise(value: str) -> str:
@@ -163,7 +160,7 @@ def load_template(prompt: str, path: str | Path | None = None) -> Template:
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
-        hint = "" if path is not None else " (built-in prompts live in prompts/ of a source checkout; pass a path)"
+        hint = "" if path is not None else " (the built-in prompts are missing from this install; pass a path)"
         raise TemplateError(f"{file}: template file not found{hint}") from None
     try:
         text = raw.decode("utf-8")
