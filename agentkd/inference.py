@@ -2,8 +2,11 @@
 
 TARGET is a run folder (its newest checkpoints/<iteration>/) or a checkpoint folder. The prompt
 format comes from the checkpoint's chat template (train_data.chat_template), so what these commands
-send is what transformers or vLLM send with the same folder. Scoring uses the run's [task] kind when the
-checkpoint lies in a run folder (arithmetic: the final number), else an exact, case-blind match.
+send is what transformers or vLLM send with the same folder. When the checkpoint lies in a run folder,
+its [task] decides the rows and the scoring: arithmetic rows are `instruction` (+ `answer`, right when
+the final number matches); label-task rows are the item's fields (task.input_fields, rendered as the
+loop renders them) + `label`, right when the label the answer gives is the gold one. Outside a run
+folder rows are `instruction` (+ `answer`, an exact, case-blind match).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from agentkd.config import ConfigError, TrainSection
+from agentkd.config import ConfigError, TaskSection, TrainSection
 from agentkd.datasets import read_jsonl, write_jsonl
 from agentkd.decode import generate_answers
 from agentkd.evaluate import is_correct
@@ -32,7 +35,7 @@ class LoadedStudent:
     student: Student
     checkpoint: Path
     task: Task  # the prompt the checkpoint answers through ("predict" for a rationale-trained student)
-    task_kind: str | None  # the run's [task] kind; None outside a run folder (exact match)
+    task_config: TaskSection | None  # the run's [task]; None outside a run folder (exact match)
     max_new_tokens: int
 
 
@@ -51,14 +54,17 @@ def resolve_checkpoint(target: Path) -> Path:
                       f"checkpoints/<iteration>/; train the student first (agentkd run or agentkd train)")
 
 
-def _run_settings(checkpoint: Path) -> tuple[str | None, int]:
-    """[task] kind and the decoding cap of the run a checkpoint belongs to (runs/<name>/checkpoints/<i>/)."""
+def _run_settings(checkpoint: Path) -> tuple[TaskSection | None, int]:
+    """[task] and the decoding cap of the run a checkpoint belongs to (runs/<name>/checkpoints/<i>/)."""
     run_config = checkpoint.parent.parent / "config.json"
     if checkpoint.parent.name != "checkpoints" or not run_config.is_file():
         return None, DEFAULT_MAX_NEW_TOKENS
     data = json.loads(run_config.read_text(encoding="utf-8"))
-    return (data.get("task", {}).get("kind"),
-            int(data.get("train", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)))
+    try:
+        task = TaskSection.model_validate(data.get("task", {}))
+    except ValidationError as err:
+        raise ConfigError(f"{run_config}: task: not a [task] section ({err.error_count()} problem(s))") from None
+    return task, int(data.get("train", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
 
 
 def load_for_inference(target: Path) -> LoadedStudent:
@@ -72,8 +78,8 @@ def load_for_inference(target: Path) -> LoadedStudent:
 
     if torch.cuda.is_available():
         student.model.to("cuda")
-    task_kind, max_new_tokens = _run_settings(checkpoint)
-    return LoadedStudent(student, checkpoint, checkpoint_task(student.tokenizer), task_kind, max_new_tokens)
+    task_config, max_new_tokens = _run_settings(checkpoint)
+    return LoadedStudent(student, checkpoint, checkpoint_task(student.tokenizer), task_config, max_new_tokens)
 
 
 def answer(loaded: LoadedStudent, instructions: list[str], *, max_new_tokens: int | None = None,
@@ -84,23 +90,60 @@ def answer(loaded: LoadedStudent, instructions: list[str], *, max_new_tokens: in
 
 def evaluate_file(loaded: LoadedStudent, input_path: Path, *, max_new_tokens: int | None = None,
                   batch_size: int = 64) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Each row with the student's answer (and `correct` where the row has an `answer`), and a summary:
-    accuracy over the rows that give an answer, None when none does."""
+    """Each row with the student's answer (and `correct` where the row gives the expected answer), and a
+    summary: accuracy over the rows that give one, None when none does."""
+    task = loaded.task_config
+    if task is not None and task.has_labels:
+        return _evaluate_labels(loaded, task, input_path, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = read_jsonl(input_path, ("instruction",),
                       fields_hint="eval rows need: instruction; optional: answer (the expected answer)")
     answers = answer(loaded, [r["instruction"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    kind = loaded.task_kind or "exact"
-    out, scored, right = [], 0, 0
+    kind = task.kind if task is not None else "exact"
+    out = []
     for row, text in zip(rows, answers, strict=True):
         result = {**row, "student_answer": text}
         if row.get("answer") is not None:
             result["correct"] = is_correct(str(row["answer"]), text, kind)
-            scored += 1
-            right += result["correct"]
         out.append(result)
-    summary = {"checkpoint": str(loaded.checkpoint), "rows": len(rows), "with_answers": scored,
-               "accuracy": right / scored if scored else None, "scoring": kind}
-    return out, summary
+    return out, _summary(loaded, out, kind)
+
+
+def _evaluate_labels(loaded: LoadedStudent, config: TaskSection, input_path: Path, *, max_new_tokens: int | None,
+                     batch_size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A label task's rows: the item's fields rendered as the loop renders them; `label` the gold one."""
+    from agentkd.evaluate import student_label
+    from agentkd.items import fields_of_row, item_schema, render
+    from agentkd.pools import Item
+    from agentkd.roles.explainer import task_definition
+
+    schema, task = item_schema(config), task_definition(config)
+    items = []
+    for number, row in enumerate(read_jsonl(input_path, ()), start=1):
+        where = f"{input_path}:{number}"
+        fields = fields_of_row(row, schema, where)
+        gold = None
+        if row.get("label") is not None:
+            options = fields.get("options")
+            gold, why = (task.with_options(options) if isinstance(options, list) else task).canonical(str(row["label"]))
+            if gold is None:
+                raise ConfigError(f"{where}: field 'label': {why} (labels: {task.labels_text})")
+        text = render(fields, schema)
+        items.append((row, Item(text, text, 0, "heldout", gold, fields)))
+    answers = answer(loaded, [item.text for _, item in items], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out = []
+    for (row, item), text in zip(items, answers, strict=True):
+        label = student_label(text, item, task)
+        result = {**row, "student_answer": text, "student_label": label}
+        if item.answer is not None:
+            result["correct"] = label == item.answer
+        out.append(result)
+    return out, _summary(loaded, out, f"label ({config.kind})")
+
+
+def _summary(loaded: LoadedStudent, rows: list[dict[str, Any]], scoring: str) -> dict[str, Any]:
+    scored = [r["correct"] for r in rows if "correct" in r]
+    return {"checkpoint": str(loaded.checkpoint), "rows": len(rows), "with_answers": len(scored),
+            "accuracy": sum(scored) / len(scored) if scored else None, "scoring": scoring}
 
 
 def eval_command(target: Path, input_path: Path, output: Path | None, *, max_new_tokens: int | None,

@@ -144,3 +144,32 @@ def test_transformers_alone_loads_and_prompts_the_student_as_trained(tmp_path, s
     question = snippet.split('"content": ')[1].split("}")[0]
     expected = generate_answers(student, [eval(question)], max_new_tokens=48)[0]
     assert done.stdout.strip().splitlines()[-1] == repr(expected)
+
+
+def test_eval_of_a_label_task_run_renders_items_and_scores_labels(tmp_path, capsys):
+    """A student trained to answer "entailment" on rendered NLI items: scored by label, synonyms and case
+    read as the loop reads them, so 2 of the 3 rows with a gold label are right."""
+    from agentkd.config import TrainSection
+    from agentkd.train import train
+    from agentkd.train_data import TrainingExample
+
+    texts = [f"premise: Ann has {a} pens.\nhypothesis: Ann has {b} pens." for a in range(10) for b in range(4)]
+    nli = build_student(load_spec(ROOT / "students" / "tiny.toml"), seed=1,
+                        corpus=texts + ["entailment", "contradiction", "neutral"])
+    run = tmp_path / "runs" / "nli"
+    train(nli, [TrainingExample(instruction=t, response="entailment") for t in texts],
+          TrainSection(max_steps=40, lr=0.01, batch_size=8, warmup_steps=0, epochs=100),
+          out_dir=run / "checkpoints" / "1", progress=False)
+    (run / "config.json").write_text(json.dumps({"task": {"kind": "nli"}, "train": {"max_new_tokens": 8}}))
+    items = [{"premise": "Bob has 3 cats.", "hypothesis": "Bob has 3 cats.", "label": "entails"},
+             {"premise": "Bob has 3 cats.", "hypothesis": "Bob has 9 cats.", "label": "contradiction"},
+             {"premise": "Ann has 2 pens.", "hypothesis": "Ann has 2 pens.", "label": "Entailment"},
+             {"premise": "Ann has 5 pens.", "hypothesis": "Ann has 1 pens."}]
+    rows, summary = run_eval(run, rows_file(tmp_path / "nli.jsonl", items), tmp_path / "a.jsonl", capsys)
+    assert [r["student_label"] for r in rows] == ["entailment"] * 4
+    assert [r.get("correct") for r in rows] == [True, False, True, None]
+    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["scoring"] == "label (nli)"
+
+    bad = rows_file(tmp_path / "bad.jsonl", [items[0], {"premise": "only a premise", "label": "neutral"}])
+    assert main(["eval", str(run), "--input", str(bad)]) == 2
+    assert "bad.jsonl:2:" in capsys.readouterr().err
