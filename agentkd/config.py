@@ -576,7 +576,10 @@ def format_validation_error(err: ValidationError, source: str, *, overrides: lis
             from_file.append(f"  {key}: {message}")
         else:
             from_set.append(f"  --set {item}: {key}: {message}")
-    lines = [f"{source}: invalid config", *from_file] if from_file else []
+    # A whole-config check (loc ()) can fail from the file and the overrides together: name both.
+    joint = overrides and any(line.startswith("  (top level)") for line in from_file)
+    also = f" with {', '.join('--set ' + item for item in overrides)}" if joint else ""
+    lines = [f"{source}{also}: invalid config", *from_file] if from_file else []
     if from_set:
         lines += ["invalid --set override" + ("s" if len(from_set) > 1 else ""), *from_set]
     return "\n".join(lines)

@@ -176,3 +176,11 @@ def test_an_unterminated_string_is_reported_with_one_at(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "in.jsonl:1: not valid JSON (Unterminated string starting at column 17)" in err
     assert "at at" not in err
+
+
+def test_a_whole_config_problem_names_the_overrides_it_came_with(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[teacher]\nprovider = "openai"\nmodel = "gpt-x"\napi_key_env = "K"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["budget.usd=5"])  # the file alone is valid: the price is needed once a USD cap is set
+    assert str(err.value).startswith(f"{path} with --set budget.usd=5: invalid config")
