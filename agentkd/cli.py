@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("target", type=Path, metavar="RUN_DIR|CHECKPOINT",
                           help="a run folder (its newest checkpoint) or a checkpoint folder")
     evaluate.add_argument("--input", type=Path, required=True,
-                          help="JSONL: `instruction` per row, optional `answer` (the expected answer)")
+                          help="JSONL: `instruction` per row, optional `answer` (the expected answer); for a "
+                          "label-task run, the item's fields (task.input_fields) and optional `label`")
     evaluate.add_argument("--output", type=Path, default=None, help="answers JSONL (default: stdout)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's train.max_new_tokens")
     evaluate.add_argument("--batch-size", type=int, default=64)
