@@ -130,9 +130,3 @@ class Budget:
         if self.cap_tokens is not None:
             parts.append(f"{self.cap_tokens:,} tokens")
         return ", ".join(parts) or "none"
-
-    def summary(self) -> dict[str, float | int | None]:
-        return {
-            "spent_usd": round(self.settled_usd, 6), "spent_tokens": self.settled_tokens,
-            "reserved_usd": round(self.reserved_usd, 6), "cap_usd": self.cap_usd, "cap_tokens": self.cap_tokens,
-        }

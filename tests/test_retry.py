@@ -82,3 +82,59 @@ def test_what_is_retried():
     never = [QuotaExceeded("x"), AuthError("x"), BadRequest("x"), IncompleteResponse("x"), ValueError("x")]
     assert all(is_retryable(e) for e in retried)
     assert not any(is_retryable(e) for e in never)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("1h2m3.5s", 3723.5), ("6m0s", 360.0), ("250ms", 0.25), ("1m250ms", 60.25), ("2", 2.0), (" 1.5 ", 1.5),
+    ("0", 0.0), ("86400", 86400.0), ("86401", None), ("24h0m1s", None), ("", None), ("m", None), ("1x", None),
+])
+def test_reset_durations(value, expected):
+    assert parse_duration(value) == expected
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"retry-after": "0"}, 0.0),  # "now" is a sane wait
+    ({"retry-after": "86400"}, 86400.0), ({"retry-after": "86400.5"}, None),  # a day at most
+    ({"retry-after-ms": "0"}, 0.0), ({"retry-after-ms": "-1", "retry-after": "4"}, 4.0),
+    ({"retry-after": "junk", "x-ratelimit-reset-requests": "2s"}, 2.0),
+    ({"x-ratelimit-reset-tokens": "junk"}, None),
+])
+def test_retry_after_bounds_and_fallbacks(headers, expected):
+    assert retry_after_seconds(headers) == expected
+
+
+def test_retry_after_http_date_in_the_past_is_now_and_without_a_zone_is_ignored():
+    now = 1_700_000_000.0
+    assert retry_after_seconds({"retry-after": email.utils.formatdate(now - 60, usegmt=True)}, now=now) == 0.0
+    assert retry_after_seconds({"retry-after": "Tue, 14 Nov 2023 22:13:20 -0000"}, now=now) is None  # naive
+    # Without an injected now, the wall clock is the reference.
+    import time
+
+    wait = retry_after_seconds({"retry-after": email.utils.formatdate(time.time() + 100, usegmt=True)})
+    assert 95 <= wait <= 101
+
+
+def test_full_jitter_draws_uniformly_below_the_capped_exponential():
+    from agentkd.retry import full_jitter
+
+    limits = LimitsSection(backoff_base_s=0.5, backoff_max_s=3.0, max_wait_s=120)
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:
+        assert full_jitter(attempt, limits, random.Random(attempt)) == random.Random(attempt).uniform(0.0, ceiling)
+
+
+def test_a_429_without_a_hint_waits_at_least_the_base_and_other_errors_the_jitter():
+    limits = LimitsSection(backoff_base_s=0.5, backoff_max_s=30, max_wait_s=120)
+    jitter = random.Random(3).uniform(0.0, 0.5)
+    assert wait_before_retry(RateLimited("429"), 1, limits, random.Random(3)) == 0.5
+    assert wait_before_retry(ServerError("500"), 1, limits, random.Random(3)) == jitter < 0.5
+    # A 429 that names its wait gets exactly that, even below the base.
+    assert wait_before_retry(RateLimited("429", headers={"retry-after-ms": "100"}), 1, limits, random.Random(3)) == 0.1
+
+
+def test_a_wait_of_exactly_max_wait_is_waited_and_one_past_it_defers():
+    limits = LimitsSection(backoff_base_s=0.5, backoff_max_s=30, max_wait_s=120)
+    assert wait_before_retry(ServerError("503", headers={"retry-after": "120"}), 1, limits, random.Random(0)) == 120
+    with pytest.raises(Deferred) as deferred:
+        wait_before_retry(ServerError("503", headers={"retry-after": "121"}), 1, limits, random.Random(0))
+    assert deferred.value.wait_s == 121 and deferred.value.cause.status is None
+    assert str(deferred.value) == "provider asked to wait 121 s; item deferred (ServerError)"
