@@ -132,6 +132,7 @@ def test_chat_answers_one_prompt_and_a_prompt_loop(tmp_path, student, capsys, mo
     assert capsys.readouterr().out.splitlines() == expected[:2]  # the blank line is skipped
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~15 s on 2 busy cores
 def test_transformers_alone_loads_and_prompts_the_student_as_trained(tmp_path, student):
     """The README's snippet, run in a fresh interpreter that never imports agentkd."""
     save_checkpoint(student, tmp_path / "ck")
