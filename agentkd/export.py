@@ -1,12 +1,13 @@
-"""Export a run's accepted training data (instruction, teacher answer, rationale) as JSONL or Parquet.
+"""Export a run's training data (instruction, teacher answer, rationale) as JSONL or Parquet.
+
+The rows are the run database's training_examples view, the one training reads (training_run.py): every
+pooled, teacher-answered instruction, never one that was ever held out, with the teacher answer, label
+and rationale training uses. With loop.imitate_on = "cache_pool" the last iteration trained on exactly
+these rows; with "train_pool", iteration t trained on the rows whose `iteration` is t. Order is
+deterministic: iteration, then id.
 
 A structured item (label tasks) also has `fields`: its fields as the seeds file has them (an object in
 JSONL, its JSON text in Parquet); `instruction` is the item rendered as every prompt saw it.
-
-Rows are the instructions the loop accepted into the Train or Cache pool, never the held-out set: an
-instruction that was ever in pool 'heldout', or whose latest row is rejected, is not exported. Tables
-are append-only, so an instruction's current state is its latest row; `iteration` is the iteration
-the instruction first appeared in. Order is deterministic: iteration, then id.
 """
 
 from __future__ import annotations
@@ -21,31 +22,7 @@ from agentkd.store import Store, StoreError, StoreLockedError
 DB_NAME = "agentkd.duckdb"
 FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration", "fields")
 
-# Latest row per id / instruction wins; rowid breaks created_at ties in insertion order.
-_ROWS_SQL = """
-WITH latest AS (
-    SELECT id, text, source, parent_id, pool, rejected_reason, fields FROM instructions
-    QUALIFY row_number() OVER (PARTITION BY id ORDER BY created_at DESC, rowid DESC) = 1
-), first_seen AS (
-    SELECT id, min(iteration) AS iteration, bool_or(pool = 'heldout') AS ever_heldout
-    FROM instructions GROUP BY id
-), teacher AS (
-    SELECT instruction_id, text FROM responses WHERE actor = 'teacher' AND text IS NOT NULL
-    QUALIFY row_number() OVER (PARTITION BY instruction_id ORDER BY created_at DESC, rowid DESC) = 1
-), rationale AS (
-    SELECT example_id, label, rationale FROM rationales
-    QUALIFY row_number() OVER (
-        PARTITION BY example_id ORDER BY coalesce(parsed_ok, false) DESC, created_at DESC, rowid DESC) = 1
-)
-SELECT l.id, l.text AS instruction, t.text AS teacher_answer, r.rationale, r.label, l.source,
-       l.parent_id, f.iteration, l.fields
-FROM latest l
-JOIN first_seen f USING (id)
-JOIN teacher t ON t.instruction_id = l.id
-LEFT JOIN rationale r ON r.example_id = l.id
-WHERE l.pool IN ('train', 'cache') AND l.rejected_reason IS NULL AND NOT coalesce(f.ever_heldout, false)
-ORDER BY f.iteration NULLS LAST, l.id
-"""
+_ROWS_SQL = f"SELECT {', '.join(FIELDS)} FROM training_examples ORDER BY iteration NULLS LAST, id"
 
 
 def open_run_store(run_dir: Path) -> Store:
@@ -63,7 +40,7 @@ def open_run_store(run_dir: Path) -> Store:
 
 
 def accepted_rows(store: Store) -> list[dict[str, Any]]:
-    """Accepted, non-held-out instructions with their latest teacher answer and rationale."""
+    """The rows training uses (the training_examples view), in export order."""
     return store.query_dicts(_ROWS_SQL)
 
 

@@ -29,8 +29,9 @@ from rich.console import Console
 from agentkd import pools
 from agentkd.budget import BudgetExhausted
 from agentkd.config import RunConfig
-from agentkd.dedup import InstructionIndex, instruction_id
+from agentkd.dedup import InstructionIndex
 from agentkd.ledger import spend_text
+from agentkd.role_rows import GeneratedIntake, judgment_rows
 from agentkd.roles import calls
 from agentkd.proxy_check import weaker_than_student
 from agentkd.selection import Draw, generator_draws, judge_metrics
@@ -210,19 +211,9 @@ class Lion:
         async def handle(item: pools.Item) -> None:
             pair = await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher[item.id],
                                      student.judged[item.id], tau=self.loop.tau)
-            judgments = [
-                {"instruction_id": item.id, "iteration": t, "order": order, "teacher_score": ts,
-                 "student_score": ss, "parsed_ok": j.ok, "reason": j.reason, "call_key": key}
-                for order, j, ts, ss, key in (
-                    ("teacher_first", pair.teacher_first, pair.teacher_first.score_a, pair.teacher_first.score_b,
-                     pair.keys[0]),
-                    ("student_first", pair.student_first, pair.student_first.score_b, pair.student_first.score_a,
-                     pair.keys[1]))]
+            judgments, verdict = judgment_rows(pair, item.id, t)
             self.store.enqueue("judgments", judgments)
-            v = pair.verdict
-            await self.store.write("verdicts", {"instruction_id": item.id, "iteration": t, "teacher_score":
-                                                v.teacher_score, "student_score": v.student_score, "label": v.label,
-                                                "order_disagreement": v.order_disagreement})
+            await self.store.write("verdicts", verdict)
 
         await self._each(sample, handle, f"judge B({t})")
         disagreements = self.store.query("SELECT avg(CAST(order_disagreement AS DOUBLE)) FROM verdicts "
@@ -263,26 +254,21 @@ class Lion:
                                         sample=t * 100_000 + draw.number)
 
         outcome = await self._each(draws, handle, f"generate for A({t + 1})")
-        index = InstructionIndex(threshold=self.loop.rouge_max, texts=pools.all_texts(self.store))
-        rows, accepted = [], 0
+        intake = GeneratedIntake(InstructionIndex(threshold=self.loop.rouge_max, texts=pools.all_texts(self.store)),
+                                 pools.stored_instructions(self.store))
+        rows = []
         for position in sorted(outcome.results):  # draw order: deterministic acceptance on resume
             draw = draws[position]
-            generated, _ = outcome.results[position]
-            row = {"source": draw.source, "parent_id": draw.seed.id, "iteration": t + 1}
-            if not generated.ok:
-                rows.append({**row, "id": instruction_id(str(generated.instruction or f"{draw.seed.id}:{draw.number}")),
-                             "text": generated.instruction or "", "pool": "rejected",
-                             "rejected_reason": generated.reason})
-                continue
-            is_new, score = index.add_if_new(generated.instruction)  # on the rendered item
-            accepted += is_new
-            fields = json.dumps(generated.fields, ensure_ascii=False) if self.s.prompts.items.structured else None
-            rows.append({**row, "id": instruction_id(generated.instruction), "text": generated.instruction,
-                         "fields": fields,
-                         "pool": "train" if is_new else "rejected",
-                         "rouge_nearest": None if is_new else score,  # exact only above the threshold
-                         "rejected_reason": None if is_new else f"near-duplicate (ROUGE-L {score:.2f})"})
+            generated, completion = outcome.results[position]
+            fields = (json.dumps(generated.fields, ensure_ascii=False)
+                      if generated.ok and self.s.prompts.items.structured else None)
+            decision = intake.decide(generated, parent_id=draw.seed.id, source=draw.source, iteration=t + 1,
+                                     call_key=completion.key, fallback_id=f"{draw.seed.id}:{draw.number}",
+                                     fields=fields)
+            if decision.row is not None:
+                rows.append(decision.row)
         await self.store.write_many("instructions", rows)
+        accepted = len(intake.accepted_ids())
         await self._metrics(t, {"generated": len(draws), "accepted": accepted,
                                 "pool/train": accepted, "pool/cache": len(pool) + accepted})
 

@@ -4,7 +4,8 @@ An instruction's `iteration` is the iteration whose Train Pool it joins: seeds j
 children generated during iteration t join t + 1. So
     Train Pool A(t) = accepted instructions with iteration == t
     Cache Pool B(t) = accepted instructions with iteration <= t   (seeds + every accepted child)
-The held-out set has pool 'heldout' and is never trained on.
+The held-out set has pool 'heldout' and is never trained on. An instruction's pool is decided once, by
+its first row (the instruction_pool view; the store writes an id once).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ def _unique(items: list[Item]) -> list[Item]:
 
 
 _POOL_SQL = """
-SELECT id, any_value(text), min(iteration), any_value(source), NULL, any_value(fields) FROM instructions
-WHERE pool = 'train' AND rejected_reason IS NULL AND {where} GROUP BY id ORDER BY min(iteration), id
+SELECT id, text, iteration, source, NULL, fields FROM instruction_pool
+WHERE pool = 'train' AND rejected_reason IS NULL AND {where} ORDER BY iteration, id
 """
 
 
@@ -144,14 +145,30 @@ def cache_pool(store: Store, iteration: int) -> list[Item]:
 
 
 def heldout(store: Store) -> list[Item]:
-    rows = store.query("SELECT id, any_value(text), 0, 'heldout', any_value(answer), any_value(fields) "
-                       "FROM instructions WHERE pool = 'heldout' GROUP BY id ORDER BY id")
+    rows = store.query("SELECT id, text, 0, 'heldout', answer, fields FROM instruction_pool WHERE pool = 'heldout' "
+                       "ORDER BY id")
     return [_item(r) for r in rows]
 
 
 def all_texts(store: Store) -> list[str]:
     """Every instruction a new one must not near-duplicate: pools, held-out set, earlier rejects excluded."""
-    return [r[0] for r in store.query("SELECT DISTINCT text FROM instructions WHERE pool IN ('train', 'heldout')")]
+    return [r[0] for r in store.query("SELECT DISTINCT text FROM instruction_pool WHERE pool IN ('train', 'heldout')")]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """How the store holds an instruction id (its first row)."""
+
+    pool: str
+    iteration: int | None
+    parent_id: str | None
+    rejected_reason: str | None
+    rouge_nearest: float | None
+
+
+def stored_instructions(store: Store) -> dict[str, Stored]:
+    rows = store.query("SELECT id, pool, iteration, parent_id, rejected_reason, rouge_nearest FROM instruction_pool")
+    return {r[0]: Stored(*r[1:]) for r in rows}
 
 
 def responses(store: Store, actor: str, iteration: int | None = None) -> dict[str, str]:

@@ -40,12 +40,8 @@ SELECT role, count(*) AS calls, count(*) FILTER (WHERE status = 'ok') AS ok,
        coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(cost_usd), 0.0) AS usd
 FROM calls GROUP BY role ORDER BY role
 """
-_POOLS_SQL = """
-SELECT pool, count(*) AS n FROM (
-    SELECT pool FROM instructions
-    QUALIFY row_number() OVER (PARTITION BY id ORDER BY created_at DESC, rowid DESC) = 1
-) GROUP BY pool ORDER BY pool
-"""
+# Distinct instruction ids per pool (an id's pool is its first row's).
+_POOLS_SQL = "SELECT pool, count(*) AS n FROM instruction_pool GROUP BY pool ORDER BY pool"
 
 
 @dataclass

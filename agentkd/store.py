@@ -5,6 +5,9 @@ store opens, never while calls are in flight. Writes go through one asyncio writ
 queue into batched appends; a row counts as stored (its future resolves) only after the batch that
 contains it has committed, so an acknowledged row survives kill -9 (DuckDB replays its WAL). The
 DuckDB connection itself is store_db.Database.
+
+An instruction is stored once: a row of `instructions` whose id the file already holds (or that an
+earlier row of the same write holds) is not written, so an id has one pool, the one first decided.
 """
 
 from __future__ import annotations
@@ -70,11 +73,25 @@ class Store:
         # Called on the event loop just before each batch goes to the database: a file that must hold
         # at least what the store holds (teach's --output) writes its pending lines there.
         self.before_commit: list[Callable[[], None]] = []
+        self._instruction_ids: set[str] | None = None  # loaded at the first instructions write
+
+    def _first_rows(self, table: str, rows: Iterable[Mapping[str, Any]]) -> list[tuple]:
+        """Rows in column order; for `instructions`, only ids not stored yet (see the module docstring)."""
+        if table != "instructions":
+            return [_to_tuple(table, r) for r in rows]
+        if self._instruction_ids is None:
+            self._instruction_ids = {r[0] for r in self.query("SELECT DISTINCT id FROM instructions")}
+        fresh = []
+        for row in rows:
+            if row["id"] not in self._instruction_ids:
+                fresh.append(_to_tuple(table, row))
+                self._instruction_ids.add(row["id"])
+        return fresh
 
     # ---- writing -----------------------------------------------------------------------------
     def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int:
         """Append and commit rows from the calling thread; returns how many were stored."""
-        tuples = [_to_tuple(table, r) for r in rows]
+        tuples = self._first_rows(table, rows)
         self._flush({table: tuples})
         return len(tuples)
 
@@ -103,7 +120,7 @@ class Store:
         if self._queue is None:
             raise RuntimeError("Store.start() must run before async writes")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((table, [_to_tuple(table, r) for r in rows], future))
+        self._queue.put_nowait((table, self._first_rows(table, rows), future))
         return future
 
     def enqueue(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -113,7 +130,7 @@ class Store:
             raise self.failure
         if self._queue is None:
             raise RuntimeError("Store.start() must run before async writes")
-        self._queue.put_nowait((table, [_to_tuple(table, r) for r in rows], None))
+        self._queue.put_nowait((table, self._first_rows(table, rows), None))
 
     async def write(self, table: str, row: Mapping[str, Any]) -> None:
         await self.submit(table, [row])

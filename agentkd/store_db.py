@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,11 @@ class Database:
         self._con = _open(path, read_only)
         if not read_only:
             self._create_schema()
+        self._create_views(temporary=read_only)
         self._appenders: dict[str, duckdb.Appender] = {}  # reused: creating one costs ~1 ms
         self._last_stamp = dt.datetime.min
         self._write_lock = threading.Lock()  # the async writer's thread and append_now callers
+        self._read_lock = threading.Lock()
 
     def _create_schema(self) -> None:
         for table, cols in SCHEMA.items():
@@ -49,11 +52,22 @@ class Database:
             for column, kind in cols:
                 if (table, column) not in present:
                     self._con.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+
+    def _create_views(self, *, temporary: bool) -> None:
+        """The views of this version. Read-only, as temporary views (nothing is written to the file): a
+        file last written by an earlier version then reads like a current one, as far as its columns go."""
         existing = {r[0] for r in self._con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
         for view, sql in VIEWS.items():
-            if view not in existing:  # earlier versions had an `attempts` table: it stays readable as is
-                self._con.execute(f'CREATE OR REPLACE VIEW "{view}" AS {sql}')
+            if view in existing:  # earlier versions had an `attempts` table: it stays readable as is
+                continue
+            try:
+                self._con.execute(f'CREATE OR REPLACE {"TEMP " if temporary else ""}VIEW "{view}" AS {sql}')
+            except duckdb.Error as err:
+                if not temporary:
+                    raise StoreError(f"{self.path}: cannot create view {view}: {err}") from None
+                # read-only, a file from before a column the view needs: readers of that view fail
+                # with DuckDB's own message; every other view and table still reads
 
     def append(self, batch: Mapping[str, Sequence[tuple]]) -> None:
         """Append a batch of rows to its tables in one transaction: all of them or none."""
@@ -102,18 +116,26 @@ class Database:
         return stamped
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        cursor = self._con.cursor()
-        try:
+        with self._cursor() as cursor:
             return cursor.execute(sql, list(params)).fetchall()
-        finally:
-            cursor.close()
 
     def query_dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        cursor = self._con.cursor()
-        try:
+        with self._cursor() as cursor:
             result = cursor.execute(sql, list(params))
             names = [d[0] for d in result.description]
             return [dict(zip(names, row)) for row in result.fetchall()]
+
+    @contextmanager
+    def _cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own (queries run beside the writer thread); read-only, the connection itself,
+        one query at a time, since a cursor does not see the connection's temporary views."""
+        if self.read_only:
+            with self._read_lock:
+                yield self._con
+            return
+        cursor = self._con.cursor()
+        try:
+            yield cursor
         finally:
             cursor.close()
 

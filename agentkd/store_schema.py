@@ -32,11 +32,16 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("session", "VARCHAR"), ("reserved_usd", "DOUBLE"), ("reserved_tokens", "BIGINT"),
         ("in_flight", "INTEGER"),
     ],
+    # One row per instruction id (Store writes an id once; its pool is decided once): train, heldout
+    # or rejected. Files from earlier versions can hold later rows for an id (a generated copy of it
+    # stored as rejected, a seed stored again on resume); readers take its first row (instruction_pool).
+    # call_key: the generator call that produced it (generated instructions only).
     "instructions": [
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),
         ("iteration", "INTEGER"), ("pool", "VARCHAR"), ("rouge_nearest", "DOUBLE"),
         ("rejected_reason", "VARCHAR"), ("answer", "VARCHAR"), ("created_at", "TIMESTAMP"),
         ("fields", "VARCHAR"),  # JSON object of a structured item's fields (agentkd/items.py); NULL: plain text
+        ("call_key", "VARCHAR"),
     ],
     "responses": [
         ("instruction_id", "VARCHAR"), ("actor", "VARCHAR"), ("iteration", "INTEGER"),
@@ -80,10 +85,64 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
     "loop_state": [("iteration", "INTEGER"), ("stage", "VARCHAR"), ("created_at", "TIMESTAMP")],
 }
 
-# Read-only views over the tables, created with them.
+# Read-only views over the tables, created (replaced) whenever agentkd opens the file for writing, and
+# as temporary views when it opens it read-only, so agentkd's readers find them in files of any version.
+# Dict order is creation order: a view may use the ones above it. README.md ("The run database")
+# documents the user-facing ones.
 VIEWS: dict[str, str] = {
     "attempts": "SELECT key, attempt, status_code, error_class, latency_s, created_at FROM reservations "
                 "WHERE event IN ('settle', 'release')",
+    # One row per instruction: the row that first stored it, which decides its pool.
+    "instruction_pool": "SELECT * FROM instructions "
+                        "QUALIFY row_number() OVER (PARTITION BY id ORDER BY created_at, rowid) = 1",
+    # What training uses and `agentkd export` writes: every pooled, teacher-answered instruction (never
+    # one that was ever held out) with its latest teacher answer and latest parsed label and rationale.
+    # `iteration` is the Train Pool it joined: iteration t trains on iteration = t (loop.imitate_on =
+    # "train_pool") or <= t ("cache_pool").
+    "training_examples": """
+WITH answers AS (
+    SELECT instruction_id, text, call_key FROM responses WHERE actor = 'teacher' AND text IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY instruction_id ORDER BY created_at DESC, rowid DESC) = 1
+), parsed_rationales AS (
+    SELECT example_id, label, rationale FROM rationales WHERE parsed_ok
+    QUALIFY row_number() OVER (PARTITION BY example_id ORDER BY created_at DESC, rowid DESC) = 1
+)
+SELECT p.id, p.text AS instruction, a.text AS teacher_answer, r.rationale, r.label, p.source, p.parent_id,
+       p.iteration, p.fields, a.call_key AS answer_call_key
+FROM instruction_pool p
+JOIN answers a ON a.instruction_id = p.id
+LEFT JOIN parsed_rationales r ON r.example_id = p.id
+WHERE p.pool IN ('train', 'cache') AND p.rejected_reason IS NULL
+  AND p.id NOT IN (SELECT id FROM instructions WHERE pool = 'heldout')""",
+    # Teacher spend and tokens by role (eval calls are booked as role 'eval') and model.
+    "spend": """
+SELECT role, provider, model, count(*) AS calls, count(*) FILTER (WHERE status = 'ok') AS ok,
+       count(*) FILTER (WHERE status <> 'ok') AS failed,
+       coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,
+       coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(cost_usd), 0.0) AS usd
+FROM calls GROUP BY role, provider, model""",
+    # One row per failure: a call that did not succeed (kind 'call', its error class), a referee or
+    # explainer reply that did not parse (kind 'unparsed', with the parser's reason), a generated
+    # instruction a filter rejected (kind 'rejected'; near-duplicates are not failures and not here).
+    "failures": """
+SELECT 'call' AS kind, role, model, error_class AS class, error_detail AS detail, key AS call_key, created_at
+FROM calls WHERE status <> 'ok'
+UNION ALL
+SELECT 'unparsed', coalesce(c.role, 'referee'), c.model, 'referee_unparsed', j.reason, j.call_key, j.created_at
+FROM judgments j LEFT JOIN (SELECT key, any_value(role) AS role, any_value(model) AS model FROM calls
+                            GROUP BY key) c ON c.key = j.call_key
+WHERE NOT coalesce(j.parsed_ok, false)
+UNION ALL
+SELECT 'unparsed', coalesce(c.role, 'explainer'), c.model, 'explainer_unparsed', x.reason, x.call_key, x.created_at
+FROM rationales x LEFT JOIN (SELECT key, any_value(role) AS role, any_value(model) AS model FROM calls
+                             GROUP BY key) c ON c.key = x.call_key
+WHERE NOT coalesce(x.parsed_ok, false)
+UNION ALL
+SELECT 'rejected', coalesce(c.role, 'generator'), c.model, 'generator_rejected', i.rejected_reason, i.call_key,
+       i.created_at
+FROM instruction_pool i LEFT JOIN (SELECT key, any_value(role) AS role, any_value(model) AS model FROM calls
+                                   GROUP BY key) c ON c.key = i.call_key
+WHERE i.pool = 'rejected' AND i.rejected_reason NOT LIKE 'near-duplicate%'""",
 }
 
 COLUMNS: dict[str, tuple[str, ...]] = {t: tuple(c for c, _ in cols) for t, cols in SCHEMA.items()}

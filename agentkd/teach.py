@@ -20,14 +20,19 @@ from rich.console import Console
 
 from agentkd.config import RunConfig
 from agentkd.datasets import JsonlAppender, write_jsonl
+from agentkd import pools
 from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.ledger import spend_text
+from agentkd.role_rows import GeneratedIntake, judgment_rows
 from agentkd.roles import calls
 from agentkd.role_inputs import read_role_rows
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.terminal import plain_console
 from agentkd.workpool import PoolOutcome, run_all
+
+TEACH_JUDGED_ITERATION = 0  # teach's judgments and verdicts: the student judged is not one of this run's
+
 
 @dataclass
 class TeachSummary:
@@ -107,32 +112,48 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
         return handle
 
     if role == "referee":
+        # Stored as the loop stores its judge stage, at iteration 0 (no student iteration of this run was
+        # judged). A pair already stored (a re-run over the same rows) is not stored again; the verdict
+        # commits before its judgments, so stored judgments mean a stored verdict.
+        stored_pairs = {r[0] for r in session.store.query(
+            "SELECT call_key FROM judgments WHERE iteration = 0 AND \"order\" = 'teacher_first'")}
+
         async def handle(row):
             pair = await calls.judge(gateway, prompts, row["instruction"], row["teacher_answer"],
                                      row["student_answer"], tau=tau)
             account(*pair.completions)
             summary.parse_failures += (not pair.teacher_first.ok) + (not pair.student_first.ok)
+            if pair.keys[0] not in stored_pairs:
+                stored_pairs.add(pair.keys[0])
+                judgments, verdict = judgment_rows(pair, instruction_id(row["instruction"]), TEACH_JUDGED_ITERATION)
+                session.store.enqueue("verdicts", [verdict])
+                session.store.enqueue("judgments", judgments)
             v = pair.verdict
             return {"teacher_score": v.teacher_score, "student_score": v.student_score, "verdict": v.label,
                     "order_disagreement": v.order_disagreement, "unscored_reason": v.reason}
         return handle
 
-    # generator: the dedup index starts with every input instruction and grows with each acceptance
-    index = InstructionIndex(threshold=session.config.loop.rouge_max, texts=[r["instruction"] for r in rows])
+    # generator: as the loop's first generate stage stores its children: the inputs are seeds (A(1)) and
+    # each new instruction joins A(2), de-duplicated against the inputs, every pool instruction of the run
+    # and each acceptance before it; an instruction an earlier session stored keeps its decision.
+    session.store.enqueue("instructions", [{"id": instruction_id(r["instruction"]), "text": r["instruction"],
+                                            "source": "seed", "iteration": 1, "pool": "train"} for r in rows])
+    index = InstructionIndex(threshold=session.config.loop.rouge_max,
+                             texts=[r["instruction"] for r in rows] + pools.all_texts(session.store))
+    intake = GeneratedIntake(index, pools.stored_instructions(session.store))
 
     async def handle(row):
-        generated, c = await calls.generate(gateway, prompts, row["instruction"], prompt=generator_prompt(row, mode))
+        prompt = generator_prompt(row, mode)
+        generated, c = await calls.generate(gateway, prompts, row["instruction"], prompt=prompt)
         account(c)
-        out: dict[str, Any] = {"new_instruction": generated.instruction, "accepted": False,
-                               "reject_reason": generated.reason, "rouge_nearest": None}
-        if not generated.ok:
-            summary.parse_failures += 1
-            return out
-        accepted, score = index.add_if_new(generated.instruction)
-        # The index computes ROUGE-L exactly only for candidates that could pass the threshold.
-        out.update(accepted=accepted, rouge_nearest=None if accepted else round(score, 4),
-                   reject_reason=None if accepted else f"near-duplicate (ROUGE-L {score:.2f})")
-        return out
+        summary.parse_failures += not generated.ok
+        parent = instruction_id(row["instruction"])
+        decision = intake.decide(generated, parent_id=parent, source=prompt, iteration=2, call_key=c.key,
+                                 fallback_id=f"{parent}:{prompt}")
+        if decision.row is not None:
+            session.store.enqueue("instructions", [decision.row])
+        return {"new_instruction": generated.instruction, "accepted": decision.accepted,
+                "reject_reason": decision.reason, "rouge_nearest": decision.rouge_nearest}
     return handle
 
 

@@ -21,25 +21,15 @@ from agentkd.train_data import TrainingExample
 
 hf_logging.disable_progress_bar()  # "Writing model shards" bars on every checkpoint are noise here
 
-# One teacher answer per instruction (the latest), with the explainer's label and rationale if any.
+# The training_examples view (store_schema.py) is what `agentkd export` writes too; the call's logprobs
+# come along for posterior KD's evidence.
 _EXAMPLES_SQL = """
-WITH answers AS (
-    SELECT instruction_id, arg_max(text, created_at) AS text, arg_max(call_key, created_at) AS call_key
-    FROM responses WHERE actor = 'teacher' GROUP BY instruction_id
-), rationales_latest AS (
-    SELECT example_id, arg_max(label, created_at) AS label, arg_max(rationale, created_at) AS rationale
-    FROM rationales WHERE parsed_ok GROUP BY example_id
-), pool AS (
-    SELECT id, any_value(text) AS text, min(iteration) AS iteration FROM instructions
-    WHERE pool IN ('train', 'cache') AND rejected_reason IS NULL GROUP BY id
-)
-SELECT p.id, p.text, p.iteration, a.text AS answer, r.label, r.rationale, c.logprobs_json
-FROM pool p JOIN answers a ON a.instruction_id = p.id
-LEFT JOIN rationales_latest r ON r.example_id = p.id
+SELECT e.instruction, e.teacher_answer, e.label, e.rationale, c.logprobs_json
+FROM training_examples e
 LEFT JOIN (SELECT key, any_value(logprobs_json) AS logprobs_json FROM calls WHERE status = 'ok' GROUP BY key) c
-    ON c.key = a.call_key
+    ON c.key = e.answer_call_key
 WHERE {where}
-ORDER BY p.iteration, p.id
+ORDER BY e.iteration, e.id
 """
 
 
@@ -48,11 +38,12 @@ def examples_from_store(store: Store, *, iteration: int | None = None, up_to: bo
     if iteration is None:
         where, params = "TRUE", []
     else:
-        where, params = ("p.iteration <= ?" if up_to else "p.iteration = ?"), [iteration]
+        where, params = ("e.iteration <= ?" if up_to else "e.iteration = ?"), [iteration]
     rows = store.query_dicts(_EXAMPLES_SQL.format(where=where), params)
     return [
         TrainingExample(
-            instruction=row["text"], response=row["answer"], label=row["label"], rationale=row["rationale"],
+            instruction=row["instruction"], response=row["teacher_answer"], label=row["label"],
+            rationale=row["rationale"],
             teacher_top_logprobs=_top_logprobs(row["logprobs_json"]),
         )
         for row in rows

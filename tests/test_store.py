@@ -23,7 +23,8 @@ def test_schema_has_the_tables_the_design_requires(tmp_path):
     tables = {name for name, kind in kinds.items() if kind == "BASE TABLE"}
     assert {"calls", "instructions", "responses", "judgments", "rationales", "reservations",
             "train_runs", "metrics"} <= tables == set(SCHEMA)
-    assert {name for name, kind in kinds.items() if kind == "VIEW"} == set(VIEWS) == {"attempts"}
+    assert {name for name, kind in kinds.items() if kind == "VIEW"} == set(VIEWS) == {
+        "attempts", "instruction_pool", "training_examples", "spend", "failures"}
 
 
 def test_a_file_from_an_earlier_version_gains_the_new_columns(tmp_path):
