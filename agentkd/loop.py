@@ -263,7 +263,7 @@ class Lion:
             fields = (json.dumps(generated.fields, ensure_ascii=False)
                       if generated.ok and self.s.prompts.items.structured else None)
             decision = intake.decide(generated, parent_id=draw.seed.id, source=draw.source, iteration=t + 1,
-                                     call_key=completion.key, fallback_id=f"{draw.seed.id}:{draw.number}",
+                                     call_key=completion.key, fallback_id=f"{draw.seed.id}:{t}:{draw.number}",
                                      fields=fields)
             if decision.row is not None:
                 rows.append(decision.row)
