@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentkd.dedup import InstructionIndex, instruction_id
+from agentkd.items import GeneratedItem
 from agentkd.pools import Stored
 from agentkd.roles.calls import JudgedPair
-from agentkd.roles.generator import Generated
 
 
 def judgment_rows(pair: JudgedPair, iid: str, iteration: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -59,7 +59,7 @@ class GeneratedIntake:
         self.stored = stored
         self.decided: dict[str, Decision] = {}
 
-    def decide(self, generated: Generated, *, parent_id: str, source: str, iteration: int, call_key: str | None,
+    def decide(self, generated: GeneratedItem, *, parent_id: str, source: str, iteration: int, call_key: str | None,
                fallback_id: str, fields: str | None = None) -> Decision:
         """`fields`: a structured item's fields as JSON text (items.py), stored with an accepted one."""
         text = generated.instruction

@@ -9,6 +9,7 @@ order.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -148,8 +149,9 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
         account(c)
         summary.parse_failures += not generated.ok
         parent = instruction_id(row["instruction"])
+        fields = json.dumps(generated.fields, ensure_ascii=False) if generated.ok and prompts.items.structured else None
         decision = intake.decide(generated, parent_id=parent, source=prompt, iteration=2, call_key=c.key,
-                                 fallback_id=f"{parent}:{prompt}")
+                                 fallback_id=f"{parent}:{prompt}", fields=fields)
         if decision.row is not None:
             session.store.enqueue("instructions", [decision.row])
         return {"new_instruction": generated.instruction, "accepted": decision.accepted,

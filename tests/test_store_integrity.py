@@ -63,8 +63,10 @@ def _legacy_file(path):
             ("c1", "What is 4+4?", "easy", "s1", 3, "rejected", 1.0, "near-duplicate (ROUGE-L 1.00)", None,
              t0 + dt.timedelta(2)),
             ("h1", "What is 9-4?", "heldout", None, 0, "heldout", None, None, "5", t0)]
-    con.executemany("INSERT INTO instructions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    con.executemany("INSERT INTO responses VALUES (?, 'teacher', ?, NULL, ?, NULL, ?)",
+    con.executemany("INSERT INTO instructions (id, text, source, parent_id, iteration, pool, rouge_nearest, "
+                    "rejected_reason, answer, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.executemany("INSERT INTO responses (instruction_id, actor, iteration, text, created_at) "
+                    "VALUES (?, 'teacher', ?, ?, ?)",
                     [("s1", 1, "5", t0), ("c1", 2, "8", t0 + dt.timedelta(1)), ("h1", 0, "5", t0)])
     con.close()
     return len(rows)
