@@ -92,3 +92,28 @@ def test_teach_generator_stores_new_instructions_with_source_parent_and_filter_v
                 assert child["pool"] == "rejected" and child["rejected_reason"]
     finally:
         store.close_sync()
+
+
+def test_the_failures_view_lists_unparsed_judgments_and_filtered_generations_with_their_model(tmp_path):
+    config = write_config(tmp_path, "[sim]\nreferee_unparseable_rate = 0.5\ngenerator_bad_rate = 0.5\n")
+    items = sample_problems(10, seed=8)
+    judged = write_rows(tmp_path / "j.jsonl", [
+        {"instruction": p.text, "teacher_answer": f"The answer is {p.answer}.", "student_answer": "The answer is 7."}
+        for p in items])
+    _teach(config, "referee", judged, tmp_path / "j_out.jsonl")
+    _teach(config, "generator", write_rows(tmp_path / "s.jsonl", problems(12)), tmp_path / "g_out.jsonl")
+    generated = read_rows(tmp_path / "g_out.jsonl")
+    store = _store(tmp_path)
+    try:
+        failures = store.query_dicts("SELECT * FROM failures")
+        unparsed_judgments = store.query("SELECT count(*) FROM judgments WHERE NOT parsed_ok")[0][0]
+        model = store.query("SELECT DISTINCT model FROM calls")[0][0]
+    finally:
+        store.close_sync()
+    by_kind = Counter((f["kind"], f["role"], f["class"]) for f in failures)
+    filtered = [r for r in generated if not r["accepted"] and not r["reject_reason"].startswith("near-duplicate")]
+    assert unparsed_judgments > 0 and filtered  # the faults happened
+    assert by_kind == {("unparsed", "referee", "referee_unparsed"): unparsed_judgments,
+                       ("rejected", "generator", "generator_rejected"): len(filtered)}
+    assert all(f["model"] == model and f["detail"] and f["call_key"] for f in failures)
+    assert sorted(f["detail"] for f in failures if f["kind"] == "rejected") == sorted(r["reject_reason"] for r in filtered)
