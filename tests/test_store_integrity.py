@@ -16,7 +16,10 @@ from agentkd.cli import main
 from agentkd.config import SimSection
 from agentkd.dedup import instruction_id
 from agentkd.export import accepted_rows, export_training_data
-from agentkd.pools import train_pool
+from agentkd.dedup import InstructionIndex
+from agentkd.items import GeneratedItem
+from agentkd.pools import all_texts, stored_instructions, train_pool
+from agentkd.role_rows import GeneratedIntake
 from agentkd.report import load_run
 from agentkd.roles.generator import parse_generated
 from agentkd.store import SCHEMA, Store
@@ -47,6 +50,36 @@ def test_an_instruction_id_is_stored_once_whatever_path_writes_it(tmp_path):
     again.append_now("instructions", [{"id": "b", "text": "B", "pool": "rejected"}])
     assert again.query("SELECT id, pool FROM instructions ORDER BY id") == [("a", "train"), ("b", "train")]
     again.close_sync()
+
+
+def test_a_generate_stage_redone_after_its_rows_were_stored_decides_the_same_and_adds_no_row(tmp_path):
+    """kill -9 between a stage's instructions and its loop_state marker: the redone stage reads what it
+    had decided (the copies of its own acceptances are not near-duplicates of themselves)."""
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("instructions", [{"id": instruction_id("What is 2+3?"), "text": "What is 2+3?",
+                                       "source": "seed", "iteration": 1, "pool": "train"}])
+    seed = instruction_id("What is 2+3?")
+    replies = [GeneratedItem({"instruction": t}, t, True, None) for t in
+               ("Ann has 4 pens and buys 3 more. How many pens?", "What is 2+3?",
+                "Ann has 4 pens and buys 3 more. How many pens?", "Leo has 9 cards and gives away 2. How many left?")]
+    replies.append(GeneratedItem(None, None, False, "JSON object without an 'instruction' field"))
+
+    def stage():
+        intake = GeneratedIntake(InstructionIndex(threshold=0.7, texts=all_texts(store)), stored_instructions(store))
+        decisions = [intake.decide(g, parent_id=seed, source="hard", iteration=2, call_key=f"k{n}",
+                                   fallback_id=f"{seed}:1:{n}") for n, g in enumerate(replies)]
+        return decisions, intake.accepted_ids()
+
+    first, accepted = stage()
+    store.append_now("instructions", [d.row for d in first if d.row is not None])
+    stored = store.count("instructions")
+    again, accepted_again = stage()
+    assert [(d.accepted, d.reason) for d in again] == [(d.accepted, d.reason) for d in first]
+    assert [d.accepted for d in first] == [True, False, False, True, False]
+    assert first[1].reason == first[2].reason == "near-duplicate (ROUGE-L 1.00)"  # a seed's copy, a repeat
+    assert accepted_again == accepted and len(accepted) == 2
+    assert all(d.row is None for d in again) and store.count("instructions") == stored == 4
+    store.close_sync()
 
 
 def _legacy_file(path):
