@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     train = config_command("train", "train the student from what the run stored")
     train.add_argument("--objective", choices=("sft", "rationale", "posterior_kd", "proxy_kd"))
     train.add_argument("--iteration", type=int, default=None, help="train on data up to this iteration")
+    train.add_argument("--job", type=Path, default=None,
+                       help="a job folder `agentkd run` wrote for a launched proxy/train stage (train.num_processes > 1)")
 
     report = sub.add_parser("report", help="write RUN_DIR/report.md and plots")
     report.add_argument("run_dir", type=Path)
@@ -160,7 +162,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "train":
         from agentkd.training_run import train_command
 
-        print(train_command(config, objective=args.objective, iteration=args.iteration))
+        line = train_command(config, objective=args.objective, iteration=args.iteration, job=args.job)
+        if line:  # the main process's (under a launcher the others say nothing)
+            print(line)
         return EXIT_OK
     if args.command == "run":
         from agentkd.loop import run_loop

@@ -299,6 +299,26 @@ class TrainSection(Section):
     )
     proxy_temperature: float = Field(0.7, ge=0, description="Proxy sampling temperature for DPO negatives.")
     log_every: int = Field(10, gt=0, description="Steps between log_metric calls.")
+    # precision, memory and processes (train.py, optimise.py, launch.py)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA (policy, reference and KD targets alike), fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory.")
+    effective_batch: int | None = Field(
+        None, gt=0, description="Examples per optimiser step over all processes (Lion: 128), reached by gradient "
+        "accumulation; None: batch_size x processes. batch_size is per process and micro-batch.",
+    )
+    target_shard_rows: int = Field(
+        1024, gt=0, description="posterior/proxy KD: rows per target shard on disk (runs/<name>/targets/<iteration>/).",
+    )
+    num_processes: int = Field(
+        1, ge=1, description="> 1: the loop runs its train and proxy stages as a launched subprocess of this many "
+        "processes (DDP); 1: in the loop's own process.",
+    )
+    launcher: Literal["accelerate", "torchrun"] = "accelerate"
+    launcher_args: list[str] = Field(
+        default_factory=list, description="Extra launcher arguments, e.g. [\"--config_file\", \"fsdp.yaml\"].",
+    )
 
 
     @model_validator(mode="after")
@@ -544,14 +564,17 @@ def read_user_file(path: str | Path, what: str) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a TOML run config; every failure is a ConfigError naming the file and the key, or the
-    `--set` override that set it."""
+    """Load a TOML run config (or a run's config.json); every failure is a ConfigError naming the file
+    and the key, or the `--set` override that set it."""
     path = Path(path)
     text = read_user_file(path, "config file")
     try:
-        data = tomllib.loads(text)
+        # a run's own config.json (what the run stored; launched training reads it) or TOML
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON: {err}") from None
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, source=str(path), overrides=overrides or [])
 

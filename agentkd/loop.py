@@ -39,7 +39,8 @@ from agentkd.session import TeacherSession, teacher_session
 from agentkd.students import Student
 from agentkd.terminal import labelled, plain_console
 from agentkd.train import generate_answers
-from agentkd.training_run import examples_from_store, load_student, needs_proxy, proxy_stage, train_iteration
+from agentkd.training_run import (examples_from_store, launched_stage, load_student, needs_proxy, proxy_stage,
+                                 teacher_corpus, train_iteration)
 from agentkd.workpool import PoolOutcome, run_all
 
 EXIT_OK, EXIT_BUDGET = 0, 3
@@ -167,8 +168,12 @@ class Lion:
         examples = self._train_examples(t)
         if not examples:
             return
-        await asyncio.to_thread(proxy_stage, self.config, self.store, self._student(), examples, t,
-                                progress=self.show_progress)
+        if self.config.train.num_processes > 1:  # a launched subprocess of several processes
+            await asyncio.to_thread(launched_stage, self.config, self.store, "proxy", t, examples, self._student(),
+                                    progress=self.show_progress, echo=self.console.print)
+        else:
+            await asyncio.to_thread(proxy_stage, self.config, self.store, self._student(), examples, t,
+                                    progress=self.show_progress)
         rows = self.store.query("SELECT stage, proxy_logp, student_logp FROM proxy_stages WHERE iteration = ? "
                                 "ORDER BY created_at", [t])
         if rows:
@@ -186,8 +191,13 @@ class Lion:
             self.console.print(f"iteration {t}: no teacher-answered instructions in A({t}); training skipped")
             return
         student = self._student()
-        result = await asyncio.to_thread(train_iteration, self.config, self.store, student, examples, t,
-                                         progress=self.show_progress)
+        if self.config.train.num_processes > 1:  # a launched subprocess; the student is reloaded from its checkpoint
+            result = await asyncio.to_thread(launched_stage, self.config, self.store, "train", t, examples, student,
+                                             progress=self.show_progress, echo=self.console.print)
+            self.student = None
+        else:
+            result = await asyncio.to_thread(train_iteration, self.config, self.store, student, examples, t,
+                                             teacher_texts=teacher_corpus(self.store), progress=self.show_progress)
         self.console.print(f"trained on {result.examples} examples: {result.steps} steps in "
                            f"{result.seconds:.0f} s, final loss {result.final_loss:.3f}")
 

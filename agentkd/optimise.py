@@ -1,8 +1,14 @@
-"""The one optimisation loop (AdamW, warm-up, clipping, a step/epoch/time budget) and the helpers every
-per-objective step shares. Used for the student (train.py) and for the proxy's stages (proxy.py).
+"""The one optimisation loop (AdamW, warm-up, clipping, gradient accumulation, a step/epoch/time budget)
+and the helpers every per-objective step shares. Used for the student (train.py) and for the proxy's
+stages (proxy.py).
 
-Several GPUs: under `accelerate launch` each process takes every num_processes-th batch of the same
-seeded permutation; accelerate wraps the model in DDP and averages gradients.
+Several processes (`accelerate launch` / torchrun): every process draws the same seeded stream of
+examples (one shuffled permutation after another), and optimiser step s takes the next
+G = batch_size x processes x accumulation of them: micro-batch j of process r is the r-th of the j-th
+group of `processes` micro-batches. So every process gets a full micro-batch at every step, all stop
+at the same step, and one process with accumulation a x p sees exactly the same rows per step as p
+processes with accumulation a. accelerate wraps the model in DDP and averages gradients; the logged
+loss is the mean over processes and micro-batches; only the main process logs and shows progress.
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
 
 from agentkd import objectives as obj
 from agentkd.config import TrainSection
@@ -24,9 +32,35 @@ LogMetric = Callable[[str, float, int], None]
 StepLoss = Callable[[Any, list[Any]], tuple[torch.Tensor, int]]  # (model, rows) -> (loss, tokens)
 
 
+def make_accelerator(cfg: TrainSection) -> Accelerator:
+    """The run's Accelerator: bf16 autocast on CUDA (train.precision = "auto"), fp32 elsewhere. On a
+    machine without CUDA it is told so (cpu=True): under torchrun / `accelerate launch` that is what
+    makes it join the gloo process group (MULTI_CPU) instead of running each process alone."""
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+
+
+def accumulation_steps(cfg: TrainSection, processes: int) -> int:
+    """Micro-batches per optimiser step, per process: enough for train.effective_batch examples per step
+    (rounded up to whole micro-batches), 1 when effective_batch is not set."""
+    if cfg.effective_batch is None:
+        return 1
+    return max(1, math.ceil(cfg.effective_batch / (cfg.batch_size * processes)))
+
+
+def example_stream(n: int, seed: int) -> Iterator[int]:
+    """Row indices: one seeded permutation of range(n) after another (the same on every process)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
 def optimise(
     model: Any,
-    rows: list[Any],
+    rows: Sequence[Any],
     step_loss: StepLoss,
     cfg: TrainSection,
     accelerator: Accelerator,
@@ -40,9 +74,12 @@ def optimise(
     log_metric: LogMetric | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Shuffled batches for `epochs` (a fraction allowed), at most max_steps optimiser steps, or until
-    max_seconds of wall clock, whichever comes first. AdamW, linear warm-up then constant LR, grad
-    clipping. Trains `model` in place."""
+    """`epochs` passes over `rows` (a fraction allowed; rows may be a lazy Sequence), at most max_steps
+    optimiser steps, or until max_seconds of wall clock, whichever comes first. AdamW, linear warm-up
+    then constant LR, grad clipping. Trains `model` in place."""
+    if cfg.gradient_checkpointing:
+        # recompute activations in backward; non-reentrant, so DDP and a frozen (LoRA) base work
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -50,57 +87,66 @@ def optimise(
     wrapped.train()
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = max(1, math.ceil(len(rows) / (cfg.batch_size * world)))  # last batch may be short
-    total_steps = max(1, math.ceil(epochs * per_epoch))
+    bs, accum = cfg.batch_size, accumulation_steps(cfg, world)
+    per_step = bs * world * accum  # examples per optimiser step, over all processes
+    total_steps = max(1, math.ceil(epochs * len(rows) / per_step))
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
-    rng = random.Random(seed)
+    stream = example_stream(len(rows), seed)
     losses: list[float] = []
     tokens, step, begun = 0, 0, time.perf_counter()
-    with _progress_bar(progress and accelerator.is_main_process, name, total_steps) as bar:
+    main = accelerator.is_main_process
+    with _progress_bar(progress and main, name, total_steps) as bar:
         while step < total_steps:
-            order = list(range(len(rows)))
-            rng.shuffle(order)  # same permutation on every process (same seed)
-            for b in range(per_epoch):
-                if step >= total_steps or _out_of_time(begun, max_seconds, accelerator):
-                    total_steps = step
-                    break
-                batch_idx = order[(b * world + rank) * cfg.batch_size :][: cfg.batch_size]
-                batch = [rows[i] for i in batch_idx]
-                with accelerator.autocast():
-                    loss, n_tokens = step_loss(wrapped, batch)
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += n_tokens * world
-                losses.append(loss.item())
-                rate = tokens / max(time.perf_counter() - begun, 1e-9)
-                if bar is not None:
-                    bar.update(step, total=total_steps, loss=losses[-1], rate=rate)
-                if log_metric is not None and (step % cfg.log_every == 0 or step == total_steps):
-                    log_metric(f"{name}/loss", losses[-1], step)
-                    log_metric(f"{name}/tokens_per_s", rate, step)
+            drawn = [next(stream) for _ in range(per_step)]
+            loss_sum, n_tokens = 0.0, 0
+            for j in range(accum):
+                mine = drawn[(j * world + rank) * bs :][:bs]
+                batch = [rows[i] for i in mine]
+                # gradients are averaged across processes only on the last micro-batch of the step
+                with accelerator.no_sync(wrapped) if j < accum - 1 else nullcontext():
+                    with accelerator.autocast():
+                        loss, n = step_loss(wrapped, batch)
+                    accelerator.backward(loss / accum)
+                loss_sum, n_tokens = loss_sum + float(loss.detach()) / accum, n_tokens + n
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            late = max_seconds is not None and time.perf_counter() - begun >= max_seconds
+            # one reduction per step: the mean loss, the tokens, and whether any process is out of time
+            summed = _sum_over_processes(accelerator, [loss_sum, float(n_tokens), float(late)])
+            losses.append(summed[0] / world)
+            tokens += int(summed[1])
+            rate = tokens / max(time.perf_counter() - begun, 1e-9)
+            if summed[2] > 0:  # every process stops at the same step
+                total_steps = step
+            if bar is not None:
+                bar.update(step, total=total_steps, loss=losses[-1], rate=rate)
+            if main and log_metric is not None and (step % cfg.log_every == 0 or step == total_steps):
+                log_metric(f"{name}/loss", losses[-1], step)
+                log_metric(f"{name}/tokens_per_s", rate, step)
     elapsed = time.perf_counter() - begun
-    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False).eval()
+    plain = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    if cfg.gradient_checkpointing:
+        plain.gradient_checkpointing_disable()
+    plain.eval()
     accelerator.free_memory()
     tail = losses[-10:]
     return {
         "steps": step,
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "effective_batch": per_step,
     }
 
 
-def _out_of_time(begun: float, max_seconds: float | None, accelerator: Accelerator) -> bool:
-    if max_seconds is None:
-        return False
-    late = torch.tensor(float(time.perf_counter() - begun >= max_seconds), device=accelerator.device)
-    if accelerator.num_processes > 1:  # every process must stop at the same step
-        late = accelerator.reduce(late, reduction="sum")
-    return bool(late.item() > 0)
+def _sum_over_processes(accelerator: Accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return values
+    summed = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), reduction="sum")
+    return summed.tolist()
 
 
 class _progress_bar:
@@ -140,7 +186,8 @@ def forward(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def pad_id_of(model: Any) -> int:
-    pad = model.config.pad_token_id
+    """The model's pad id; a DDP/FSDP wrapper is looked through (it has no .config)."""
+    pad = extract_model_from_parallel(model).config.pad_token_id
     return 0 if pad is None else pad
 
 

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from agentkd import objectives as obj
 from agentkd.config import ConfigError, TrainSection
 from agentkd.decode import sample_response_ids
-from agentkd.optimise import LogMetric, StepLoss, forward, optimise, pad_id_of, sft_step
+from agentkd.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of, sft_step
 from agentkd.students import Student, StudentSpec, build_student, load_checkpoint, save_checkpoint
 from agentkd.train_data import EncodedRow, TrainingExample, collate, encode_pair, encode_response_ids, format_prompt
 
@@ -161,7 +161,7 @@ def train_proxy(
     """Proxy-KD steps a-b on this call's examples, continuing from the proxy's current weights:
     warm-up SFT on the warm-up role, then cfg.align_rounds rounds of NLL(y) + DPO(y > y') on the
     alignment role. Trains `proxy` in place and returns one ProxyStage per stage (plus "before")."""
-    accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = accelerator or make_accelerator(cfg)
     roles = split_by_role(examples, cfg.proxy_split)
     warm, align = roles["warmup"], roles["align"]
     if not warm and not align:
@@ -273,14 +273,24 @@ def mean_logprob(model: Any, rows: Sequence[EncodedRow], accelerator: Accelerato
 # ---------------------------------------------------------------- the student's proxy-KD targets
 
 
-@torch.no_grad()
 def proxy_targets(
     model: Any, encoded: Sequence[EncodedRow], cfg: TrainSection, device: torch.device, *, pad_id: int, batch_size: int = 8
 ) -> tuple[list[obj.SparseTargets], torch.Tensor]:
-    """Proxy-KD steps c-d: the aligned proxy teacher-forced on (x, y) of the kd role: top-k
-    (cfg.proxy_top_k) probs + tail per response position, and w = sigmoid(z-score of mean per-token
-    log p_proxy(y|x)), constants. Like posterior targets, the V-wide logits exist only on the device, a
-    chunk of positions at a time (cfg.target_chunk_logits); only (positions, k) values reach the host."""
+    """Proxy-KD steps c-d: the targets of `proxy_target_logps` and w = sigmoid(z-score of mean per-token
+    log p_proxy(y|x)) over all of `encoded`, constants."""
+    targets, mean_logp = proxy_target_logps(model, encoded, cfg, device, pad_id=pad_id, batch_size=batch_size)
+    return targets, obj.proxy_sample_weights(mean_logp)
+
+
+@torch.no_grad()
+def proxy_target_logps(
+    model: Any, encoded: Sequence[EncodedRow], cfg: TrainSection, device: torch.device, *, pad_id: int, batch_size: int = 8
+) -> tuple[list[obj.SparseTargets], torch.Tensor]:
+    """The aligned proxy teacher-forced on (x, y) of the kd role: top-k (cfg.proxy_top_k) probs + tail per
+    response position, and each row's mean per-token log p_proxy(y|x) (N,), the input of the sample
+    weights (kept apart so rows built in shards, by several processes, are weighted together). Like
+    posterior targets, the V-wide logits exist only on the device, a chunk of positions at a time
+    (cfg.target_chunk_logits); only (positions, k) values reach the host."""
     model.to(device).eval()
     body, head = model.get_decoder(), model.get_output_embeddings()
     step = max(1, cfg.target_chunk_logits // model.config.vocab_size)
@@ -312,7 +322,7 @@ def proxy_targets(
                                              tail=(1.0 - p.sum(-1)).clamp_min(0.0)))
             mean_logp.append(float(lp[at : at + n].mean()) if n else 0.0)
             at += n
-    return targets, obj.proxy_sample_weights(torch.tensor(mean_logp))
+    return targets, torch.tensor(mean_logp)
 
 
 def frozen_copy(student: Student) -> Student:

@@ -9,10 +9,10 @@ posterior_kd and proxy_kd take a TRAINED proxy (proxy.py: built once per run, tr
 answers, kept across iterations). Every example gives the student its NLL term; the KD term is taken
 only on examples of the proxy's "kd" role, the answers the proxy never trained on (see proxy.py).
 
-Several GPUs: the same code runs unchanged under `accelerate launch -m agentkd.cli train ...` (or
-torchrun). Each process takes every num_processes-th batch; accelerate wraps the model in DDP and
-averages gradients; only the main process writes the checkpoint and shows progress. Targets for
-posterior/proxy KD are computed by every process (cheap next to training).
+Several processes: the same code runs under `accelerate launch -m agentkd.cli train ...` or torchrun
+(optimise.py shards the batches; accelerate wraps the model in DDP and averages gradients). KD targets
+given a `targets_dir` are built in shards split across the processes and streamed from disk by all of
+them (kd_targets.py); only the main process writes the checkpoint and shows progress.
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-
 from agentkd import objectives as obj
 from agentkd.config import ConfigError, TrainSection
 from agentkd.decode import generate_answers  # noqa: F401  (re-exported: the loop and tests decode from here)
-from agentkd.optimise import LogMetric, StepLoss, forward, optimise, pad_id_of
+from agentkd.kd_targets import KDRows, ShardPart, build_target_shards, fingerprint
+from agentkd.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of
 from agentkd.optimise import sft_step as _sft_step
 from agentkd.posterior import fit_prior, posterior_targets
-from agentkd.proxy import check_same_tokenizer, example_role, frozen_copy, proxy_targets
+from agentkd.proxy import check_same_tokenizer, example_role, frozen_copy, proxy_target_logps, vocab_hash
 from agentkd.students import Student, save_checkpoint
 from agentkd.train_data import EncodedRow, TrainingExample, collate, collate_targets, encode_pair, format_prompt
 
@@ -61,13 +60,15 @@ def train(
     teacher_corpus: Sequence[str] | None = None,
     log_metric: LogMetric | None = None,
     progress: bool = True,
+    targets_dir: Path | None = None,
 ) -> TrainResult:
-    """Train `student` in place (continuing from its current weights) and save it to out_dir."""
+    """Train `student` in place (continuing from its current weights) and save it to out_dir. KD targets
+    are kept in memory, or with `targets_dir` written there in shards and streamed (reused when current)."""
     started = time.perf_counter()
     if not examples:
         raise ConfigError("train: no training examples")
     torch.manual_seed(seed)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = make_accelerator(cfg)
     tok, L = student.tokenizer, cfg.max_len
     extra: dict[str, int] = {}
 
@@ -79,31 +80,38 @@ def train(
         rows = rationale_rows(tok, examples, L)
         step_loss = _rationale_step(cfg.rationale_alpha)
 
-    elif cfg.objective == "posterior_kd":
-        # q: the run's trained proxy (the method), or the student frozen as it is now (posterior_q = "self")
-        q = frozen_copy(student) if cfg.posterior_q == "self" else _trained_proxy(proxy, student, cfg.objective)
+    elif cfg.objective in ("posterior_kd", "proxy_kd"):
+        # q: the run's trained proxy (the method), or for posterior_kd the student frozen as it is now
+        self_q = cfg.objective == "posterior_kd" and cfg.posterior_q == "self"
+        q = frozen_copy(student) if self_q else _trained_proxy(proxy, student, cfg.objective)
         encoded = [encode_pair(tok, format_prompt(e.instruction), e.response, L) for e in examples]
-        # self-distillation has no proxy roles: every row gets a KD term
-        picked = list(range(len(examples))) if cfg.posterior_q == "self" else _kd_rows(examples, cfg)
-        corpus = list(teacher_corpus) if teacher_corpus is not None else [e.response for e in examples]
-        prior = fit_prior(tok, corpus, cfg, q.model.config.vocab_size)
-        computed, counts = posterior_targets(q.model, tok, [examples[i] for i in picked], [encoded[i] for i in picked],
-                                             prior, cfg, accelerator.device)
-        rows = list(zip(encoded, _placed(picked, computed, len(examples), None), strict=True))
-        step_loss = _posterior_step(cfg.kd_lambda)
-        extra |= {"kd_examples": len(picked), "evidence_used": counts.used, "evidence_unused": counts.unused}
-
-    elif cfg.objective == "proxy_kd":
-        q = _trained_proxy(proxy, student, cfg.objective)
-        encoded = [encode_pair(tok, format_prompt(e.instruction), e.response, L) for e in examples]
-        picked = _kd_rows(examples, cfg)
-        computed, w = proxy_targets(q.model, [encoded[i] for i in picked], cfg, accelerator.device,
-                                    pad_id=tok.pad_token_id) if picked else ([], torch.zeros(0))
-        # outside the kd role: no targets and weight 0, i.e. NLL only
-        rows = list(zip(encoded, _placed(picked, computed, len(examples), None),
-                        _placed(picked, w.tolist(), len(examples), 0.0), strict=True))
-        step_loss = _proxy_kd_step(cfg.kd_lambda)
+        # the KD term only on the proxy's kd role (self-distillation has no roles: every row)
+        picked = list(range(len(examples))) if self_q else _kd_rows(examples, cfg)
+        if cfg.objective == "posterior_kd":
+            corpus = list(teacher_corpus) if teacher_corpus is not None else [e.response for e in examples]
+            prior = fit_prior(tok, corpus, cfg, q.model.config.vocab_size)
+            build = _posterior_builder(q, tok, examples, encoded, prior, cfg, accelerator)
+            inputs: list = [[examples[i].teacher_top_logprobs for i in picked], corpus]
+        else:
+            build, inputs = _proxy_builder(q, encoded, cfg, accelerator, tok.pad_token_id), []
+        if targets_dir is None:  # in memory: every process builds all of them
+            part = build(picked)
+            get, values, counts = dict(zip(picked, part.targets, strict=True)).get, part.row_values, part.counts
+        else:  # on disk, in shards built across the processes (or reused: same inputs)
+            key = fingerprint([cfg.objective, _target_settings(cfg), vocab_hash(tok),
+                               [encoded[i].input_ids for i in picked], inputs], models=[q.model])
+            shards, _ = build_target_shards(targets_dir, key, picked, build, accelerator,
+                                            shard_rows=cfg.target_shard_rows)
+            get, values, counts = shards.get, shards.row_values, shards.counts
         extra["kd_examples"] = len(picked)
+        if cfg.objective == "posterior_kd":
+            rows = KDRows(encoded, get)
+            step_loss = _posterior_step(cfg.kd_lambda)
+            extra |= {"evidence_used": counts.get("evidence_used", 0), "evidence_unused": counts.get("evidence_unused", 0)}
+        else:  # outside the kd role: no targets and weight 0, i.e. NLL only
+            w = obj.proxy_sample_weights(torch.tensor(values)) if picked else torch.zeros(0)
+            rows = KDRows(encoded, get, _placed(picked, w.tolist(), len(examples), 0.0))
+            step_loss = _proxy_kd_step(cfg.kd_lambda)
 
     else:  # pragma: no cover - the config's Literal rules this out
         raise ConfigError(f"train.objective: unknown objective {cfg.objective!r}")
@@ -142,6 +150,41 @@ def _kd_rows(examples: Sequence[TrainingExample], cfg: TrainSection) -> list[int
     return [i for i, e in enumerate(examples) if example_role(e.instruction, cfg.proxy_split) == "kd"]
 
 
+# Settings that change nothing in the targets (how long and how the student trains): a resumed run that
+# only changes these reuses the targets on disk.
+_TRAINING_ONLY = {"lr", "weight_decay", "warmup_steps", "epochs", "max_seconds", "max_steps", "batch_size",
+                  "grad_clip", "log_every", "cpu_threads", "student_temperature", "max_new_tokens", "lora",
+                  "gradient_checkpointing", "effective_batch", "num_processes", "launcher", "launcher_args",
+                  "target_shard_rows", "target_chunk_logits"}
+
+
+def _target_settings(cfg: TrainSection) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude=_TRAINING_ONLY)
+
+
+def _posterior_builder(q: Student, tok: Any, examples: Sequence[TrainingExample], encoded: list[EncodedRow],
+                       prior: Any, cfg: TrainSection, accelerator: Any):
+    def build(indices: list[int]) -> ShardPart:
+        with accelerator.autocast():  # q in the precision the student trains in
+            targets, counts = posterior_targets(q.model, tok, [examples[i] for i in indices],
+                                                [encoded[i] for i in indices], prior, cfg, accelerator.device)
+        return ShardPart(targets, counts={"evidence_used": counts.used, "evidence_unused": counts.unused})
+
+    return build
+
+
+def _proxy_builder(q: Student, encoded: list[EncodedRow], cfg: TrainSection, accelerator: Any, pad_id: int):
+    def build(indices: list[int]) -> ShardPart:
+        if not indices:
+            return ShardPart([])
+        with accelerator.autocast():
+            targets, mean_logp = proxy_target_logps(q.model, [encoded[i] for i in indices], cfg, accelerator.device,
+                                                    pad_id=pad_id)
+        return ShardPart(targets, row_values=mean_logp.tolist())
+
+    return build
+
+
 def _placed(picked: list[int], values: Sequence[Any], n: int, fill: Any) -> list[Any]:
     """values[j] at position picked[j] of a list of n, `fill` elsewhere."""
     out = [fill] * n
@@ -168,20 +211,14 @@ def rationale_rows(tok: Any, examples: Sequence[TrainingExample], max_len: int) 
 
 def _rationale_step(alpha: float) -> StepLoss:
     def step(model: Any, rows: list[tuple[EncodedRow, EncodedRow | None]]) -> tuple[torch.Tensor, int]:
-        label_batch = collate([r[0] for r in rows], pad_id_of(model))
-        label_logits = forward(model, label_batch)  # (B, T, V)
+        labelled = [r[0] for r in rows]
         explained = [r[1] for r in rows if r[1] is not None]  # rows without a rationale: label term only
-        if explained:
-            why_batch = collate(explained, pad_id_of(model))
-            why_logits, why_labels = forward(model, why_batch), why_batch["labels"]
-            n_why = int(why_batch["attention_mask"].sum())
-        else:
-            why_logits, why_labels, n_why = label_logits[:0], label_batch["labels"][:0], 0
-        device = label_logits.device
-        loss = obj.rationale_loss(
-            label_logits, label_batch["labels"].to(device), why_logits, why_labels.to(device), alpha
-        )
-        return loss, int(label_batch["attention_mask"].sum()) + n_why
+        # one forward over both tasks (under DDP a step must be one forward per backward)
+        batch = collate(labelled + explained, pad_id_of(model))
+        logits = forward(model, batch)  # (B + E, T, V): label rows, then rationale rows
+        labels, n = batch["labels"].to(logits.device), len(labelled)
+        loss = obj.rationale_loss(logits[:n], labels[:n], logits[n:], labels[n:], alpha)
+        return loss, int(batch["attention_mask"].sum())
 
     return step
 

@@ -1,25 +1,42 @@
 """From the run database to a trained checkpoint: examples, the student (new or continued), metrics.
 
-Used by the loop (one call per Lion iteration) and by `agentkd train CONFIG`.
+Used by the loop (one call per Lion iteration) and by `agentkd train CONFIG`, in one process or under
+`accelerate launch` / torchrun. Several processes: only the main one opens the store (DuckDB has one
+writer); it reads what training needs into a TrainPlan and broadcasts it. Rows go to a RowSink: the
+store, a launched job's rows.jsonl (launch.py), or nowhere (every process but the main one).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers.utils import logging as hf_logging
 
 from agentkd.config import ConfigError, RunConfig
-from agentkd.store import Store
+from agentkd.launch import (Discard, JobRows, Stage, TrainPlan, job_rows, prepare_job, read_result, run_job,
+                            write_result)
+from agentkd.optimise import make_accelerator
+from agentkd.store import Store, StoreLockedError
 from agentkd.proxy import MARKER as PROXY_MARKER
-from agentkd.proxy import build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy
+from agentkd.proxy import (build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy,
+                           vocab_hash)
 from agentkd.students import Student, build_student, load_checkpoint, load_spec
 from agentkd.train import TrainResult, train
 from agentkd.train_data import TrainingExample
 
 hf_logging.disable_progress_bar()  # "Writing model shards" bars on every checkpoint are noise here
+
+
+class RowSink(Protocol):
+    """Where training rows go: Store.append_now, or launch.JobRows / launch.Discard."""
+
+    def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int: ...
+
 
 # The training_examples view (store_schema.py) is what `agentkd export` writes too; the call's logprobs
 # come along for posterior KD's evidence.
@@ -105,15 +122,16 @@ def proxy_dir(config: RunConfig, iteration: int) -> Path:
     return config.run_dir / "proxy" / str(iteration)
 
 
-def proxy_stage(config: RunConfig, store: Store, student: Student, examples: list[TrainingExample],
+def proxy_stage(config: RunConfig, store: RowSink, student: Student, examples: list[TrainingExample],
                 iteration: int, *, progress: bool = True) -> Student:
     """The proxy for this iteration: proxy/<iteration>/ if it was already trained (a resumed run), else
     the newest earlier proxy of the run (or a fresh one from train.proxy_spec) trained further on these
-    examples, saved to proxy/<iteration>/, and one proxy_stages row per stage."""
+    examples, saved to proxy/<iteration>/ (by the main process), and one proxy_stages row per stage."""
     if config.train.proxy_spec is None:
         raise ConfigError("train.proxy_spec: this objective needs the run's proxy; set train.proxy_spec")
     spec = load_spec(config.resolve_path(config.train.proxy_spec))
     done = proxy_dir(config, iteration)
+    accelerator = make_accelerator(config.train)
     if (done / PROXY_MARKER).exists():
         proxy = load_proxy(done, spec=spec)
         check_same_tokenizer(student, proxy)
@@ -127,9 +145,12 @@ def proxy_stage(config: RunConfig, store: Store, student: Student, examples: lis
         store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])
 
     stages = train_proxy(proxy, examples, config.train, seed=config.run.seed + iteration, iteration=iteration,
-                         student=student, log_metric=log_metric, progress=progress)
-    save_proxy(proxy, done, iteration=iteration)
-    store.append_now("proxy_stages", [{**s.row(), "checkpoint": str(done)} for s in stages])
+                         student=student, accelerator=accelerator, log_metric=log_metric,
+                         progress=progress and accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_proxy(proxy, done, iteration=iteration)
+        store.append_now("proxy_stages", [{**s.row(), "checkpoint": str(done)} for s in stages])
+    accelerator.wait_for_everyone()  # the saved proxy is there for every process
     return proxy
 
 
@@ -138,10 +159,13 @@ def _set_threads(config: RunConfig) -> None:
         torch.set_num_threads(config.train.cpu_threads)
 
 
-def train_iteration(config: RunConfig, store: Store, student: Student, examples: list[TrainingExample],
-                    iteration: int, *, progress: bool = True, objective: str | None = None) -> TrainResult:
+def train_iteration(config: RunConfig, store: RowSink, student: Student, examples: list[TrainingExample],
+                    iteration: int, *, teacher_texts: list[str] | None = None, progress: bool = True,
+                    objective: str | None = None) -> TrainResult:
     """Train (continuing from the student's weights), save checkpoints/<iteration>/, record it. The
-    posterior/proxy KD objectives train or load this iteration's proxy first (proxy_stage)."""
+    posterior/proxy KD objectives train or load this iteration's proxy first (proxy_stage); their targets
+    go to targets/<iteration>/ in shards (reused by a resumed run when their inputs did not change).
+    `teacher_texts`: every stored teacher answer (posterior KD's n-gram prior; None: these examples')."""
     cfg = config.train if objective is None else config.train.model_copy(update={"objective": objective})
     _set_threads(config)
     proxy = proxy_stage(config, store, student, examples, iteration, progress=progress) if needs_proxy(config, cfg.objective) else None
@@ -150,8 +174,8 @@ def train_iteration(config: RunConfig, store: Store, student: Student, examples:
         store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])
 
     result = train(student, examples, cfg, out_dir=config.run_dir / "checkpoints" / str(iteration),
-                   seed=config.run.seed + iteration, proxy=proxy,
-                   teacher_corpus=teacher_corpus(store) or None, log_metric=log_metric, progress=progress)
+                   seed=config.run.seed + iteration, proxy=proxy, teacher_corpus=teacher_texts or None,
+                   log_metric=log_metric, progress=progress, targets_dir=config.run_dir / "targets" / str(iteration))
     store.append_now("train_runs", [{
         "iteration": iteration, "objective": cfg.objective, "checkpoint": str(result.checkpoint),
         "steps": result.steps, "examples": result.examples, "final_loss": result.final_loss,
@@ -160,20 +184,86 @@ def train_iteration(config: RunConfig, store: Store, student: Student, examples:
     return result
 
 
-def train_command(config: RunConfig, *, objective: str | None, iteration: int | None) -> str:
-    """`agentkd train`: train on everything the run stored (up to --iteration) and save a checkpoint."""
+def launched_stage(config: RunConfig, store: Store, stage: Stage, iteration: int, examples: list[TrainingExample],
+                   student: Student, *, progress: bool = True, echo=print) -> TrainResult | None:
+    """The loop's proxy or train stage in train.num_processes launched processes (launch.py): the job
+    written, the launcher run (exit code checked), then what its main process recorded stored here."""
+    found = latest_checkpoint(store)
+    job = prepare_job(config, stage, iteration, examples, teacher_corpus(store), student,
+                      None if found is None else found[1], progress=progress)
+    run_job(config.train, job, stage, echo=echo)
+    for table, rows in job_rows(job):
+        store.append_now(table, rows)
+    return read_result(job) if stage == "train" else None
+
+
+def train_command(config: RunConfig, *, objective: str | None, iteration: int | None, job: Path | None = None) -> str:
+    """`agentkd train`: train on everything the run stored (up to --iteration) and save a checkpoint; or,
+    with `job` (a folder the loop wrote, launch.py), run that job's proxy or train stage. Works alike in
+    one process and under `accelerate launch` / torchrun; returns the summary line (empty off the main
+    process)."""
+    accelerator = make_accelerator(config.train)  # under a launcher: joins the process group
+    main = accelerator.is_main_process
+    store: Store | None = None
+    try:
+        if job is not None:
+            plan, sink = TrainPlan.read(job), (JobRows(job) if main else Discard())
+        else:
+            found: TrainPlan | str | None = None
+            if main:
+                try:
+                    store = _open_store(config)
+                    found = _plan_from_store(config, store, objective=objective, iteration=iteration)
+                except (ConfigError, StoreLockedError) as err:  # every process must hear of it, or they hang
+                    found = str(err)
+            [found] = broadcast_object_list([found]) if accelerator.num_processes > 1 else [found]
+            if isinstance(found, str):
+                raise ConfigError(found)
+            assert found is not None
+            plan, sink = found, (store if main else Discard())
+        student = _plan_student(config, plan)
+        if accelerator.num_processes > 1 and len(set(gather_object([vocab_hash(student.tokenizer)]))) > 1:
+            raise ConfigError(f"{config.student.spec}: the processes built different tokenizers for a fresh student")
+        if plan.stage == "proxy":
+            proxy_stage(config, sink, student, plan.examples, plan.iteration, progress=plan.progress and main)
+            return f"proxy for iteration {plan.iteration}: {proxy_dir(config, plan.iteration)}" if main else ""
+        result = train_iteration(config, sink, student, plan.examples, plan.iteration, objective=plan.objective,
+                                 teacher_texts=plan.teacher_texts, progress=plan.progress and main)
+        if job is not None and main:
+            write_result(job, result)
+    finally:
+        if store is not None:
+            store.close_sync()
+    if not main:
+        return ""
+    return (f"trained {result.examples} examples, {result.steps} steps in {result.seconds:.0f} s "
+            f"(final loss {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s): {result.checkpoint}")
+
+
+def _open_store(config: RunConfig) -> Store:
     path = config.run_dir / "agentkd.duckdb"
     if not path.exists():
         raise ConfigError(f"{path}: no run database; run `agentkd run` or `agentkd teach` first")
-    store = Store(path)
-    try:
-        examples = examples_from_store(store, iteration=iteration, up_to=True)
-        if not examples:
-            raise ConfigError(f"{path}: no teacher-answered instructions to train on")
-        student, last = load_student(config, store)
-        target = (iteration if iteration is not None else last) + 1
-        result = train_iteration(config, store, student, examples, target, objective=objective)
-    finally:
-        store.close_sync()
-    return (f"trained {result.examples} examples, {result.steps} steps in {result.seconds:.0f} s "
-            f"(final loss {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s): {result.checkpoint}")
+    return Store(path)
+
+
+def _plan_from_store(config: RunConfig, store: Store, *, objective: str | None, iteration: int | None) -> TrainPlan:
+    examples = examples_from_store(store, iteration=iteration, up_to=True)
+    if not examples:
+        raise ConfigError(f"{store.path}: no teacher-answered instructions to train on")
+    found = latest_checkpoint(store)
+    last = found[0] if found is not None else 0
+    return TrainPlan(stage="train", iteration=(iteration if iteration is not None else last) + 1,
+                     objective=objective or config.train.objective, examples=examples,
+                     teacher_texts=teacher_corpus(store),
+                     student_checkpoint=None if found is None else str(found[1]),
+                     tokenizer_texts=[] if found is not None else tokenizer_corpus(store))
+
+
+def _plan_student(config: RunConfig, plan: TrainPlan) -> Student:
+    """The plan's student: its checkpoint, or a fresh one (every process builds the same from the same
+    corpus and seed; DDP starts them from the main process's weights regardless)."""
+    spec = load_spec(student_spec_path(config))
+    if plan.student_checkpoint is not None:
+        return load_checkpoint(Path(plan.student_checkpoint), spec=spec)
+    return build_student(spec, corpus=plan.tokenizer_texts, lora=config.train.lora, seed=config.run.seed)

@@ -1,0 +1,225 @@
+"""The trainer past one process: `accelerate launch` / torchrun with 2 CPU processes (gloo) on the tiny
+student, the loop launching its proxy and train stages, and the batch sharding they rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from agentkd.cli import main
+from agentkd.config import ConfigError, TrainSection, load_config
+from agentkd.launch import launcher_command, run_job
+from agentkd.optimise import accumulation_steps, make_accelerator, optimise
+from agentkd.store import Store
+from agentkd.teachers.sim.world import sample_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2-process sft matches 1 process at the same global batch and seed within this (absolute, per step):
+# the same rows reach the same micro-batches; only the order of float sums differs.
+LOSS_TOLERANCE = 1e-4
+
+RUN = """
+[run]
+name = "{name}"
+dir = "{runs}"
+[teacher]
+provider = "sim"
+[budget]
+usd = 1
+[train]
+lr = 3e-3
+warmup_steps = 0
+batch_size = 4
+effective_batch = 8
+max_steps = 5
+max_len = 96
+log_every = 1
+cpu_threads = 1
+proxy_spec = "students/tiny-proxy.toml"
+proxy_max_steps = 2
+align_rounds = 1
+max_new_tokens = 8
+target_shard_rows = 6
+"""
+
+
+def _env() -> dict[str, str]:
+    # the launched processes import this tree, one thread each (2 cores, 2 processes)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _config(folder: Path, name: str) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(RUN.format(name=name, runs=folder / "runs"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory) -> Path:
+    """A run folder with the sim teacher's answers and explanations for 40 instructions."""
+    folder = tmp_path_factory.mktemp("taught")
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": p.text}) + "\n"
+                            for p in sample_problems(40, seed=3, steps=(1, 1), digits=(1, 1))))
+    config = _config(folder, "base")
+    for role in ("answerer", "explainer"):
+        assert main(["teach", str(config), "--role", role, "--input", str(data), "--output",
+                     str(folder / f"{role}.jsonl"), "--no-progress"]) == 0
+    return folder
+
+
+def _copy_run(taught: Path, folder: Path, name: str) -> Path:
+    shutil.copytree(taught / "runs" / "base", folder / "runs" / name)
+    return _config(folder, name)
+
+
+def _launch(config: Path, objective: str, *, launcher: str = "accelerate") -> subprocess.CompletedProcess:
+    target = ["-m", "agentkd.cli", "train", str(config), "--objective", objective]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0", *target]
+    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _losses(config: Path, iteration: int) -> list[float]:
+    store = Store(load_config(config).run_dir / "agentkd.duckdb", read_only=True)
+    try:
+        return [r[0] for r in store.query("SELECT value FROM metrics WHERE name = 'train/loss' AND iteration = ? "
+                                          "ORDER BY step", [iteration])]
+    finally:
+        store.close_sync()
+
+
+@pytest.mark.slow
+def test_two_processes_train_every_objective_and_sft_matches_one_process(taught, tmp_path):
+    one = _copy_run(taught, tmp_path, "one")
+    assert main(["train", str(one), "--objective", "sft"]) == 0  # this process: accumulation 2 x 4 rows
+    two = _copy_run(taught, tmp_path, "two")
+    launchers = {"sft": "accelerate", "rationale": "accelerate", "posterior_kd": "accelerate", "proxy_kd": "torchrun"}
+    for iteration, (objective, launcher) in enumerate(launchers.items(), start=1):
+        done = _launch(two, objective, launcher=launcher)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.stdout.count("trained 40 examples") == 1, done.stdout  # the main process alone reports
+        checkpoint = load_config(two).run_dir / "checkpoints" / str(iteration)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)  # transformers alone
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits).all()
+
+    reference, launched = _losses(one, 1), _losses(two, 1)
+    assert len(reference) == len(launched) == 5
+    gap = max(abs(a - b) for a, b in zip(reference, launched, strict=True))
+    print(f"sft loss per step, 1 process: {reference}\n2 processes: {launched}\nlargest gap {gap:.2e}")
+    assert gap <= LOSS_TOLERANCE
+
+    store = Store(load_config(two).run_dir / "agentkd.duckdb", read_only=True)
+    try:  # only the main process wrote: one row per training call, one per proxy stage, one per step
+        runs = store.query("SELECT iteration, objective, steps FROM train_runs ORDER BY iteration")
+        assert runs == [(1, "sft", 5), (2, "rationale", 5), (3, "posterior_kd", 5), (4, "proxy_kd", 5)]
+        assert store.query("SELECT count(*), count(DISTINCT step) FROM metrics WHERE name = 'train/loss'") == [(20, 5)]
+        stages = store.query("SELECT iteration, stage FROM proxy_stages ORDER BY iteration, created_at")
+        assert [s for i, s in stages if i == 3] == ["before", "warmup", "align1"]
+        assert [s for i, s in stages if i == 4] == ["before", "warmup", "align1"]
+        kd = store.query("SELECT kd_examples FROM train_runs WHERE iteration >= 3")
+        assert all(n > 0 for (n,) in kd)
+    finally:
+        store.close_sync()
+    targets = load_config(two).run_dir / "targets" / "3"
+    assert len(list(targets.glob("shard-*"))) >= 2  # built by both processes (6 rows a shard)
+
+
+@pytest.mark.slow
+def test_agentkd_run_with_a_two_process_train_stage_completes_an_iteration(tmp_path):
+    config = tmp_path / "loop.toml"
+    config.write_text(f"""
+[run]
+name = "loop"
+dir = "{tmp_path / 'runs'}"
+[teacher]
+provider = "sim"
+[budget]
+usd = 1
+[train]
+objective = "posterior_kd"
+proxy_spec = "students/tiny-proxy.toml"
+max_steps = 4
+proxy_max_steps = 2
+align_rounds = 1
+batch_size = 4
+cpu_threads = 1
+max_new_tokens = 8
+num_processes = 2
+[loop]
+iterations = 1
+seed_count = 24
+heldout_count = 8
+world_steps = [1, 1]
+world_digits = [1, 1]
+new_per_iteration = 8
+judge_sample = 8
+eval_judge_sample = 2
+""")
+    command = [sys.executable, "-m", "agentkd.cli", "run", str(config), "--no-progress"]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 processes" in done.stderr + done.stdout  # the launched stages say how they ran
+    run_dir = tmp_path / "runs" / "loop"
+    store = Store(run_dir / "agentkd.duckdb", read_only=True)
+    try:
+        assert store.query("SELECT iteration, objective, steps FROM train_runs") == [(1, "posterior_kd", 4)]
+        assert {s for (s,) in store.query("SELECT stage FROM loop_state WHERE iteration = 1")} >= {
+            "answer", "proxy", "train", "judge", "generate", "eval"}
+        assert store.query("SELECT count(*) FROM proxy_stages WHERE iteration = 1")[0][0] == 3
+        assert store.query("SELECT count(*) FROM metrics WHERE name = 'accuracy' AND iteration = 1")[0][0] == 1
+    finally:
+        store.close_sync()
+    assert (run_dir / "checkpoints" / "1" / "config.json").exists()
+
+
+def test_a_failed_launch_is_a_config_error_naming_its_exit_code(tmp_path):
+    cfg = TrainSection(num_processes=2, launcher_args=["--no_such_flag"])
+    with pytest.raises(ConfigError, match=r"train.num_processes: the launched train stage exited [1-9]"):
+        run_job(cfg, tmp_path, "train", echo=lambda line: None)
+
+
+def test_the_launcher_command_adds_multi_gpu_only_when_the_arguments_choose_no_distributed_type(tmp_path):
+    plain = launcher_command(TrainSection(num_processes=2), tmp_path)
+    assert plain[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in plain
+    assert plain[-6:] == ["-m", "agentkd.cli", "train", str(tmp_path / "config.json"), "--job", str(tmp_path)]
+    fsdp = launcher_command(TrainSection(num_processes=2, launcher_args=["--config_file=fsdp.yaml"]), tmp_path)
+    assert "--multi_gpu" not in fsdp and "--config_file=fsdp.yaml" in fsdp
+    torchrun = launcher_command(TrainSection(num_processes=3, launcher="torchrun"), tmp_path)
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+
+
+def test_every_step_gets_a_full_micro_batch_and_every_row_is_seen():
+    cfg = TrainSection(batch_size=4, warmup_steps=0, lr=1e-3)
+    model = torch.nn.Linear(2, 1)
+    seen: list[list[int]] = []
+
+    def step(wrapped, batch):
+        seen.append(list(batch))
+        return wrapped(torch.ones(len(batch), 2)).sum() * 0.0, len(batch)
+
+    stats = optimise(model, list(range(10)), step, cfg, make_accelerator(cfg), pad_id=0, epochs=1.0,
+                     max_seconds=None, seed=0, name="t", log_metric=None, progress=False)
+    assert stats["steps"] == 3 and [len(b) for b in seen] == [4, 4, 4]  # 10 rows: no short last batch
+    assert set(sum(seen, [])) == set(range(10))
+
+
+def test_gradient_accumulation_reaches_the_effective_batch():
+    assert accumulation_steps(TrainSection(batch_size=4, effective_batch=8), processes=1) == 2
+    assert accumulation_steps(TrainSection(batch_size=4, effective_batch=8), processes=2) == 1
+    assert accumulation_steps(TrainSection(batch_size=4, effective_batch=128), processes=3) == 11  # rounded up
+    assert accumulation_steps(TrainSection(batch_size=4), processes=2) == 1
