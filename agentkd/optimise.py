@@ -14,6 +14,7 @@ loss is the mean over processes and micro-batches; only the main process logs an
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
 from agentkd import objectives as obj
-from agentkd.config import TrainSection
+from agentkd.config import ConfigError, TrainSection
 from agentkd.train_data import EncodedRow, collate
 
 LogMetric = Callable[[str, float, int], None]
@@ -36,6 +37,11 @@ def make_accelerator(cfg: TrainSection) -> Accelerator:
     """The run's Accelerator: bf16 autocast on CUDA (train.precision = "auto"), fp32 elsewhere. On a
     machine without CUDA it is told so (cpu=True): under torchrun / `accelerate launch` that is what
     makes it join the gloo process group (MULTI_CPU) instead of running each process alone."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate picks FSDP only on GPU process groups (on CPU it would quietly be DDP), and the
+        # checkpoint, decoding and target code here read whole, unsharded weights: untested, so refused
+        raise ConfigError("train.launcher_args: FSDP is not supported by agentkd's trainer yet (DDP is: drop "
+                          "--use_fsdp / the FSDP accelerate config)")
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")

@@ -223,3 +223,53 @@ def test_gradient_accumulation_reaches_the_effective_batch():
     assert accumulation_steps(TrainSection(batch_size=4, effective_batch=8), processes=2) == 1
     assert accumulation_steps(TrainSection(batch_size=4, effective_batch=128), processes=3) == 11  # rounded up
     assert accumulation_steps(TrainSection(batch_size=4), processes=2) == 1
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
+    from accelerate.utils import extract_model_from_parallel
+
+    from agentkd.config import LoraSection
+    from agentkd.optimise import sft_step
+    from tests.test_train import examples, tiny
+
+    exs = examples(16)
+    losses: dict[bool, list[float]] = {}
+    for checkpointing in (False, True):
+        student = tiny(exs, lora=LoraSection(enabled=True, r=4) if lora else None)
+        cfg = TrainSection(batch_size=4, warmup_steps=0, lr=3e-3, gradient_checkpointing=checkpointing, log_every=1)
+        rows = [r[0] for r in _sft_rows(student, exs)]
+        flags: list[bool] = []
+
+        def step(model, batch, flags=flags):
+            flags.append(extract_model_from_parallel(model).is_gradient_checkpointing)
+            return sft_step(model, batch)
+
+        losses[checkpointing] = []
+        optimise(student.model, rows, step, cfg, make_accelerator(cfg), pad_id=0, epochs=1.0, max_seconds=None,
+                 seed=0, name="t", progress=False,
+                 log_metric=lambda n, v, s, out=losses[checkpointing]: out.append(v) if n == "t/loss" else None)
+        assert set(flags) == {checkpointing}
+        assert not extract_model_from_parallel(student.model).is_gradient_checkpointing  # off again afterwards
+    torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-5)
+
+
+def _sft_rows(student, exs):
+    from agentkd.train_data import encode_pair, format_prompt
+
+    return [(encode_pair(student.tokenizer, format_prompt(e.instruction), e.response, 96),) for e in exs]
+
+
+def test_the_gpu_benchmark_skips_without_cuda_and_runs_every_case_on_a_tiny_config():
+    script = [sys.executable, str(ROOT / "benchmarks" / "train_gpu.py")]
+    if not torch.cuda.is_available():
+        done = subprocess.run(script, env=_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and json.loads(done.stdout.splitlines()[-1]) == {"skipped": "no CUDA device"}
+    smoke = subprocess.run([*script, "--smoke", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1"],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert smoke.returncode == 0, smoke.stderr[-3000:]
+    result = json.loads(smoke.stdout.splitlines()[-1])
+    for case in ("sft/full", "sft/lora", "posterior_kd/full", "posterior_kd/lora"):
+        assert result[case]["steps"] == 2 and result[case]["tokens_per_s"] > 0
+    assert result["sft/lora"]["trainable_parameters"] < result["sft/full"]["trainable_parameters"]
+    assert result["posterior_targets"]["positions"] == 2 * 16
