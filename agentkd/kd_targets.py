@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from agentkd.objectives import SparseTargets
 
@@ -107,10 +107,12 @@ def build_target_shards(folder: Path, key: str, picked: Sequence[int], build: Bu
     """Targets for the examples `picked` in `folder`: reused when the manifest there has this `key`
     (returns reused=True), else built shard by shard, split across processes. Every process calls it."""
     folder = Path(folder)
-    found = open_if_current(folder, key)
-    accelerator.wait_for_everyone()  # every process has looked before anything is removed
-    if found is not None:
-        return found, True
+    # the main process decides, so every process takes the same branch (and meets the same barriers)
+    current = accelerator.is_main_process and open_if_current(folder, key) is not None
+    if accelerator.num_processes > 1:
+        [current] = broadcast_object_list([current])
+    if current:
+        return TargetShards(folder, json.loads((folder / MANIFEST).read_text(encoding="utf-8"))), True
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

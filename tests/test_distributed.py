@@ -273,3 +273,45 @@ def test_the_gpu_benchmark_skips_without_cuda_and_runs_every_case_on_a_tiny_conf
         assert result[case]["steps"] == 2 and result[case]["tokens_per_s"] > 0
     assert result["sft/lora"]["trainable_parameters"] < result["sft/full"]["trainable_parameters"]
     assert result["posterior_targets"]["positions"] == 2 * 16
+
+
+BF16_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from agentkd.config import TrainSection
+from agentkd.train import train
+from tests.test_train import FAST, examples, tiny, trained_proxy_for
+
+exs = examples(24)
+cfg = TrainSection(objective="posterior_kd", epochs=1, proxy_spec="students/tiny-proxy.toml", precision={precision!r},
+                   **{{**FAST, "align_rounds": 0, "proxy_max_steps": 2}})  # a quick proxy: warm-up only
+student = tiny(exs)
+proxy = trained_proxy_for(student, exs, cfg)
+autocast = {{"student": [], "q": []}}
+for name, model in (("student", student.model), ("q", proxy.model)):
+    model.get_decoder().register_forward_hook(
+        lambda m, i, o, name=name: autocast[name].append(torch.is_autocast_enabled("cpu")))
+losses = []
+train(student, exs, cfg, out_dir={out!r}, proxy=proxy, progress=False,
+      log_metric=lambda n, v, s: losses.append(v) if n == "train/loss" else None)
+print(json.dumps({{"losses": losses, "autocast": {{k: sorted(set(v)) for k, v in autocast.items()}}}}))
+"""
+
+
+def _precision_run(tmp_path: Path, precision: str) -> dict:
+    script = BF16_SCRIPT.format(root=str(ROOT), precision=precision, out=str(tmp_path / precision))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_bf16_runs_the_student_and_the_kd_targets_q_alike_in_bf16_autocast(tmp_path):
+    # on CPU as a stand-in for CUDA ("auto" picks bf16 there): one process per precision (accelerate's
+    # state is per process)
+    bf16, fp32 = _precision_run(tmp_path, "bf16"), _precision_run(tmp_path, "fp32")
+    assert bf16["autocast"] == {"student": [True], "q": [True]}  # training forwards and target building
+    assert fp32["autocast"] == {"student": [False], "q": [False]}
+    assert len(bf16["losses"]) == len(fp32["losses"]) > 0 and bf16["losses"] != fp32["losses"]
+    torch.testing.assert_close(bf16["losses"], fp32["losses"], rtol=0.05, atol=0)  # bf16 rounding, same training
