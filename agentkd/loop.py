@@ -296,8 +296,13 @@ class Lion:
         metrics: dict[str, float | None] = {"accuracy": accuracy(items, answers, self.s.prompts.task)}
 
         async def handle(item: pools.Item):
-            teacher = await calls.answer(self.s.gateway, self.s.prompts, item.text, tag="eval")
-            return await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher.text, student.judged[item.id],
+            if self.config.task.has_labels:  # like the judge stage: the teacher's answer is its label
+                explanation, _ = await calls.explain(self.s.gateway, self.s.prompts, item.text, with_rationale=False,
+                                                     options=item.options, tag="eval")
+                teacher_text = explanation.label or ""
+            else:
+                teacher_text = (await calls.answer(self.s.gateway, self.s.prompts, item.text, tag="eval")).text
+            return await calls.judge(self.s.gateway, self.s.prompts, item.text, teacher_text, student.judged[item.id],
                                      tau=self.loop.tau, tag="eval")
 
         if judged:
