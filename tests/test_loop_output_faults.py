@@ -46,8 +46,12 @@ def test_unscored_items_never_seed_generation_and_are_counted_as_unscored(tmp_pa
     failed_per_pair = {(i, t): n for i, t, n in orders_failed}
     assert {failed_per_pair[key] for key in unscored} == {1, 2}  # one order missing, and both
     assert all(failed_per_pair[key] == 0 for key in set(verdicts) - unscored)
-    assert {reason.split(":")[0] for reason in rejected} >= {"JSON object without an 'instruction' field",
-                                                             "'instruction' is not a string"}
+    # The sim draws one of four bad forms per faulted prompt, so in a short run any single form can be
+    # missing by chance (it was, about one run in three): require bad generations to reach the loop and be
+    # rejected for what they are; test_generator_parse checks each form's reason.
+    bad_forms = ("expected one JSON object", "JSON object without an 'instruction' field",
+                 "'instruction' is not a string")
+    assert any(reason.startswith(bad_forms) for reason in rejected), rejected
     assert 0 < unlabelled[0] < unlabelled[1]
 
     # No child, accepted or rejected, was drawn from an unscored seed or from one judged otherwise.
