@@ -3,7 +3,7 @@ top to bottom.
 
 `train` prepares rows and a per-step loss for the configured objective, then runs `optimise`
 (optimise.py, also used for the proxy's stages). Device: CUDA with bf16 autocast when present, else
-CPU fp32 — both through accelerate.Accelerator.
+CPU fp32 (train.precision) — both through accelerate.Accelerator (optimise.make_accelerator).
 
 posterior_kd and proxy_kd take a TRAINED proxy (proxy.py: built once per run, trained on teacher
 answers, kept across iterations). Every example gives the student its NLL term; the KD term is taken

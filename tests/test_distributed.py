@@ -203,6 +203,21 @@ def test_the_launcher_command_adds_multi_gpu_only_when_the_arguments_choose_no_d
     assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
 
 
+def test_a_training_plan_comes_back_from_its_job_file_as_it_was_written(tmp_path):
+    from agentkd.launch import TrainPlan
+    from agentkd.train_data import TrainingExample
+
+    plan = TrainPlan(stage="train", iteration=2, objective="posterior_kd", teacher_texts=["4 + 3 = 7."],
+                     student_checkpoint="runs/x/checkpoints/1", progress=False, examples=[
+                         TrainingExample("q1", " 7.", label="7", rationale="because",
+                                         teacher_top_logprobs=[[(" 7", -1.2), (" 8", -0.4)], [(".", -0.01)]]),
+                         TrainingExample("q2", "8")])
+    plan.write(tmp_path)
+    assert TrainPlan.read(tmp_path) == plan  # logprobs come back as (token, logprob) tuples
+    with pytest.raises(ConfigError, match="no training plan"):
+        TrainPlan.read(tmp_path / "elsewhere")
+
+
 def test_every_step_gets_a_full_micro_batch_and_every_row_is_seen():
     cfg = TrainSection(batch_size=4, warmup_steps=0, lr=1e-3)
     model = torch.nn.Linear(2, 1)
@@ -260,6 +275,7 @@ def _sft_rows(student, exs):
     return [(encode_pair(student.tokenizer, format_prompt(e.instruction), e.response, 96),) for e in exs]
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_skips_without_cuda_and_runs_every_case_on_a_tiny_config():
     script = [sys.executable, str(ROOT / "benchmarks" / "train_gpu.py")]
     if not torch.cuda.is_available():
