@@ -333,3 +333,9 @@ def test_bf16_runs_the_student_and_the_kd_targets_q_alike_in_bf16_autocast(tmp_p
     assert fp32["autocast"] == {"student": [False], "q": [False]}
     assert len(bf16["losses"]) == len(fp32["losses"]) > 0 and bf16["losses"] != fp32["losses"]
     torch.testing.assert_close(bf16["losses"], fp32["losses"], rtol=0.05, atol=0)  # bf16 rounding, same training
+
+
+def test_an_fsdp_launch_is_refused_rather_than_quietly_run_as_ddp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(ConfigError, match="FSDP is not supported"):
+        make_accelerator(TrainSection())
