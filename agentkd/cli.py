@@ -1,5 +1,6 @@
 """The `agentkd` command. Exit codes: 0 done; 2 bad config or input; 3 budget exhausted (resumable);
-4 provider refused (auth, quota); 130 interrupted (resumable)."""
+4 provider refused (auth, quota); 5 a role's replies unusable (fail_fast; resumable); 130 interrupted
+(resumable)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from pathlib import Path
 from rich.console import Console
 
 from agentkd.budget import BudgetExhausted
+from agentkd import watch
 from agentkd.config import ConfigError, load_config
 from agentkd.process import freeze_startup_heap
 from agentkd.role_inputs import fields_help
+from agentkd.replies import UnusableReplies
 from agentkd.roles.template import TemplateError
 from agentkd.store import StoreError, StoreLockedError
 from agentkd.teachers.base import AuthError, QuotaExceeded
 from agentkd.terminal import labelled, plain_console
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_UNUSABLE = 5  # a role's replies were unusable past fail_fast.max_share
 ROLES = ("answerer", "explainer", "referee", "generator")
 GENERATOR_MODES = ("hard", "easy", "plain")  # Lion's two prompts, and the random-expansion baseline's
 
@@ -68,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     export.add_argument("--output", type=Path, default=None)
+    watch.add_commands(sub)
 
     evaluate = sub.add_parser("eval", help="the student's answers to a JSONL file, and its accuracy where rows "
                               "give an `answer`")
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(labelled("stopped:", "yellow", f"{err}\nEverything answered so far is stored; re-run "
                                f"with a larger budget (e.g. --set budget.usd=...) to continue."))
         return EXIT_BUDGET
+    except UnusableReplies as err:
+        console.print(err.report(), markup=False, highlight=False)  # teacher text: never markup
+        return EXIT_UNUSABLE
     except (AuthError, QuotaExceeded) as err:
         console.print(labelled("the provider refused:", "red", f"{err}. {_key_hint(args)}"))
         return EXIT_REFUSED
@@ -139,6 +147,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _run_dir_command(args, console)
     if args.command in ("eval", "chat"):
         return _student_command(args)
+    if args.command in ("status", "runs"):
+        return watch.dispatch(args)
 
     config = load_config(args.config, args.overrides)
     if args.command == "teach":

@@ -356,9 +356,10 @@ class LoopSection(Section):
     seed_count: int = Field(200, gt=0, description="Seeds drawn from the sim's world if seeds is None.")
     heldout: str | None = Field(
         None, description="JSONL held-out set: the item's fields and its gold answer ('label' for label tasks, "
-        "'answer' for arithmetic); None: drawn from the sim world.")
+        "'answer' for arithmetic); None: drawn from the sim world for the sim teacher, else split off the seeds.")
     heldout_count: int = Field(
-        200, gt=0, description="Held-out problems drawn from the sim's world when loop.heldout is None."
+        200, gt=0, description="Held-out problems drawn from the sim's world when loop.heldout is None, or "
+        "split off the seeds (at most a fifth of them) for another teacher."
     )
     world_steps: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: steps range.")
     world_digits: list[int] = Field(default_factory=lambda: [1, 2], description="Sim world: digits range.")
@@ -396,6 +397,19 @@ class LoopSection(Section):
         return self
 
 
+class FailFastSection(Section):
+    """A teacher that cannot do a role stops the run (exit 5) before it spends the budget on replies
+    that cannot be used. Checked per role and stage; agentkd/replies.py."""
+
+    min_results: int = Field(
+        20, ge=1, description="Results of a role in a stage (referee: judged orders) before the check starts."
+    )
+    max_share: float = Field(
+        0.5, gt=0, le=1, description="Stop when the share of unusable results (parse failures, unscored "
+        "verdicts) is above this beyond chance (one-sided 95% Wilson bound); 1 turns the check off."
+    )
+
+
 class RunConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
@@ -407,6 +421,7 @@ class RunConfig(Section):
     student: StudentSection = Field(default_factory=StudentSection)
     train: TrainSection = Field(default_factory=TrainSection)
     loop: LoopSection = Field(default_factory=LoopSection)
+    fail_fast: FailFastSection = Field(default_factory=FailFastSection)
     sim: SimSection = Field(default_factory=SimSection)
 
     # Where the config came from: relative paths (seeds, student spec) resolve against it.

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from agentkd.store import Store, StoreError, StoreLockedError
+from agentkd.store import Store, StoreError
 
 DB_NAME = "agentkd.duckdb"
 FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration", "fields")
@@ -30,13 +30,7 @@ def open_run_store(run_dir: Path) -> Store:
     path = Path(run_dir) / DB_NAME
     if not path.is_file():
         raise StoreError(f"{path}: no run database here; is {run_dir} a run folder (runs/<name>)?")
-    try:
-        return Store(path, read_only=True)
-    except StoreLockedError as err:
-        raise StoreLockedError(
-            f"{err}. DuckDB refuses even read-only opens from another process while a run writes; "
-            f"wait for the run to finish (or stop it; it resumes), then run this command again"
-        ) from None
+    return Store(path, read_only=True)  # a StoreLockedError says what works while a run writes
 
 
 def accepted_rows(store: Store) -> list[dict[str, Any]]:

@@ -103,6 +103,9 @@ class Gateway:
         self.cover = SpendCover(store, budget, session=self._session, max_concurrency=limits.max_concurrency)
         self.prior = PriorSpend()  # what earlier sessions of this run spent, or may have (start())
         self.stats = GatewayStats()
+        # replies.ReplyCheck, set by the session: the role calls (roles/calls.py) report each result to
+        # it, and it stops a role whose results are unusable. None: no check.
+        self.reply_check = None
 
     async def start(self) -> None:
         """Load what earlier processes stored: answered keys and everything they spent or reserved."""

@@ -102,6 +102,7 @@ class Lion:
             return
         spent = spend_text(self.s.gateway.budget, self.s.gateway.prior)  # the run's, against the cap
         self.console.rule(f"iteration {iteration}/{self.loop.iterations} · {stage} · {spent}")
+        self.s.status.set_stage(stage, iteration)
         await body()
         await self.store.write("loop_state", {"iteration": iteration, "stage": stage})
         done.add((iteration, stage))
@@ -109,7 +110,7 @@ class Lion:
     async def _each(self, items: Sequence, handle, label: str) -> PoolOutcome:
         outcome = await run_all(items, handle, gateway=self.s.gateway, label=label,
                                 concurrency=self.config.limits.max_concurrency, console=self.console,
-                                show_progress=self.show_progress)
+                                show_progress=self.show_progress, status=self.s.status)
         if outcome.failed:
             self.console.print(f"{label}: {len(outcome.failed)} item(s) skipped: {dict(outcome.failure_classes)}")
         return outcome

@@ -11,7 +11,7 @@ its first row (the instruction_pool view; the store writes an id once).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agentkd.config import ConfigError, RunConfig
 from agentkd.datasets import read_jsonl
@@ -39,29 +39,62 @@ class Item:
 
 
 def initial_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
-    """Seeds and the held-out set: from the configured JSONL files, or drawn from the sim's world."""
+    """Seeds and the held-out set.
+
+    Seeds: loop.seeds, else drawn from the sim's world. Held-out: loop.heldout; else, when every role
+    is played by the simulated teacher, drawn from its world; else a fixed split of the seeds (a real
+    teacher knows nothing of the sim's world, so its problems would measure nothing the user asked for).
+    """
     if config.task.has_labels:
         return _unique_sets(*_label_items(config))
     from agentkd.teachers.sim.world import sample_problems
 
     loop = config.loop
-    steps, digits = tuple(loop.world_steps), tuple(loop.world_digits)
     drawn = None
-    if loop.seeds is None or loop.heldout is None:
+    if loop.seeds is None or _world_heldout(config):
         drawn = sample_problems(loop.seed_count + loop.heldout_count, seed=config.run.seed,
-                                steps=steps, digits=digits)  # type: ignore[arg-type]
+                                steps=tuple(loop.world_steps), digits=tuple(loop.world_digits))  # type: ignore[arg-type]
     if loop.seeds is not None:
-        seed_texts = [(r["instruction"], None) for r in read_jsonl(config.resolve_path(loop.seeds), ("instruction",))]
+        seed_texts = [(r["instruction"], _answer(r))
+                      for r in read_jsonl(config.resolve_path(loop.seeds), ("instruction",))]
     else:
-        seed_texts = [(p.text, None) for p in drawn[: loop.seed_count]]
+        seed_texts = [(p.text, str(p.answer)) for p in drawn[: loop.seed_count]]
+    seeds = [Item(instruction_id(t), t, 1, "seed", a) for t, a in seed_texts]
     if loop.heldout is not None:
         rows = read_jsonl(config.resolve_path(loop.heldout), ("instruction",))
-        heldout_texts = [(r["instruction"], str(r["answer"]) if "answer" in r else None) for r in rows]
+        heldout = [Item(instruction_id(r["instruction"]), r["instruction"], 0, "heldout", _answer(r)) for r in rows]
+    elif drawn is not None and _world_heldout(config):
+        heldout = [Item(instruction_id(p.text), p.text, 0, "heldout", str(p.answer)) for p in drawn[loop.seed_count:]]
     else:
-        heldout_texts = [(p.text, str(p.answer)) for p in drawn[loop.seed_count:]]
-    seeds = [Item(instruction_id(t), t, 1, "seed") for t, _ in seed_texts]
-    heldout = [Item(instruction_id(t), t, 0, "heldout", a) for t, a in heldout_texts]
-    return _unique_sets(seeds, heldout)
+        seeds, heldout = split_heldout(seeds, loop.heldout_count)
+    return _unique_sets([replace(i, answer=None) for i in seeds], heldout)
+
+
+def teacher_is_sim(config: RunConfig) -> bool:
+    """Every role is played by the simulated teacher, so its world is the task."""
+    providers = {config.teacher.provider} | {r.provider for r in config.roles.values() if r.provider}
+    return providers == {"sim"}
+
+
+def _world_heldout(config: RunConfig) -> bool:
+    return config.loop.heldout is None and teacher_is_sim(config)
+
+
+HELDOUT_SPLIT_MAX = 0.2  # of the seeds, at most, when the held-out set is split off them
+
+
+def split_heldout(seeds: list[Item], count: int) -> tuple[list[Item], list[Item]]:
+    """(seeds kept, held out): min(count, a fifth of the seeds), chosen by each item's id (a hash of its
+    text), so the split does not depend on the file's order and a resumed or repeated run draws the same."""
+    ids = sorted({i.id for i in seeds})
+    chosen = set(ids[: min(count, int(len(ids) * HELDOUT_SPLIT_MAX))])
+    kept = [replace(i, iteration=1, source="seed") for i in seeds if i.id not in chosen]
+    held = [replace(i, iteration=0, source="heldout") for i in seeds if i.id in chosen]
+    return kept, held
+
+
+def _answer(row: dict) -> str | None:
+    return str(row["answer"]) if row.get("answer") is not None else None
 
 
 def _unique_sets(seeds: list[Item], heldout: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -97,7 +130,8 @@ def _label_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
         return out
 
     drawn: list = []
-    if loop.seeds is None or loop.heldout is None:
+    split = loop.heldout is None and not teacher_is_sim(config)
+    if loop.seeds is None or _world_heldout(config):
         if config.task.kind not in ("nli", "multiple_choice"):
             raise ConfigError("loop.seeds / loop.heldout: a custom label task needs both files (the sim's label "
                               "world has nli and multiple_choice items only)")
@@ -114,10 +148,36 @@ def _label_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
                             it.label if gold else None, dict(it.fields)))
         return out
 
+    if split:  # seeds read with their gold labels: the held-out part is scored on them
+        seeds = from_file(loop.seeds, gold=True) if loop.seeds is not None else world(drawn[: loop.seed_count], gold=True)
+        seeds, heldout = split_heldout(seeds, loop.heldout_count)
+        return [replace(i, answer=None) for i in seeds], heldout
     seeds = from_file(loop.seeds, gold=False) if loop.seeds is not None else world(drawn[: loop.seed_count], gold=False)
     heldout = (from_file(loop.heldout, gold=True) if loop.heldout is not None
                else world(drawn[loop.seed_count:], gold=True))
     return seeds, heldout
+
+
+def teacher_is_sim(config: RunConfig) -> bool:
+    """Every role is played by the simulated teacher, so its world is the task."""
+    providers = {config.teacher.provider} | {r.provider for r in config.roles.values() if r.provider}
+    return providers == {"sim"}
+
+
+HELDOUT_SPLIT_MAX = 0.2  # of the seeds, at most, when the held-out set is split off them
+
+
+def split_heldout(seeds: list[tuple[str, str | None]], count: int) -> tuple[list, list]:
+    """(seeds kept, held out): min(count, a fifth of the seeds), chosen by the hash of each text, so the
+    split does not depend on the file's order and a resumed or repeated run draws the same one."""
+    unique = {instruction_id(t): (t, a) for t, a in seeds}
+    chosen = set(sorted(unique)[: min(count, int(len(unique) * HELDOUT_SPLIT_MAX))])
+    return ([s for s in seeds if instruction_id(s[0]) not in chosen],
+            [unique[i] for i in sorted(chosen)])
+
+
+def _answer(row: dict) -> str | None:
+    return str(row["answer"]) if row.get("answer") is not None else None
 
 
 def _unique(items: list[Item]) -> list[Item]:

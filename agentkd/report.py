@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentkd.config import TaskSection
 from agentkd.export import open_run_store
 from agentkd.proxy_check import weaker_than_student
+from agentkd.replies import parse_failures
 from agentkd.store import Store
 
 SPEND_ROLES = ("answerer", "explainer", "referee", "generator", "eval")
@@ -57,6 +59,7 @@ class RunData:
     pools: dict[str, int]
     notes: list[str] = field(default_factory=list)
     proxy_stages: list[dict[str, Any]] = field(default_factory=list)
+    parse_failures: list[dict[str, Any]] = field(default_factory=list)  # replies.parse_failures
 
     @property
     def iterations(self) -> list[int]:
@@ -113,7 +116,16 @@ def _read(store: Store, run_dir: Path, config: dict[str, Any] | None) -> RunData
     name = (config or {}).get("run", {}).get("name") or run_dir.resolve().name
     return RunData(name=name, config=config, metrics=metrics, calls=store.query_dicts(_CALLS_SQL),
                    statuses=statuses, train_runs=train_runs,
-                   pools={p or "?": n for p, n in store.query(_POOLS_SQL)}, proxy_stages=proxy_stages)
+                   pools={p or "?": n for p, n in store.query(_POOLS_SQL)}, proxy_stages=proxy_stages,
+                   parse_failures=parse_failures(store, _task(config)))
+
+
+def _task(config: dict[str, Any] | None) -> TaskSection:
+    """The run's task (the explainer's parse depends on its labels); the default if config.json lacks it."""
+    try:
+        return TaskSection.model_validate((config or {}).get("task") or {})
+    except ValueError:
+        return TaskSection()
 
 
 def write_report(run_dir: Path) -> Path:
@@ -312,7 +324,7 @@ def render_markdown(run: RunData, drawn: dict[str, Path]) -> str:
                      f"orders would have cost ${sum(lo for lo, _ in saved):.4f} (input) .. "
                      f"${sum(hi for _, hi in saved):.4f} (worst case) over {len(saved)} iteration(s)."), ""]
 
-    out += _spend_section(run) + _train_section(run) + _proxy_section(run) + _plots_section(run, drawn)
+    out += _spend_section(run) + _parse_section(run) + _train_section(run) + _proxy_section(run) + _plots_section(run, drawn)
     out += _notes_section(run)
     return "\n".join(out).rstrip() + "\n"
 
@@ -332,6 +344,16 @@ def _spend_section(run: RunData) -> list[str]:
     if run.pools:
         out += ["", "Instruction pools now: " + ", ".join(f"{p} {n:,}" for p, n in run.pools.items()) + "."]
     return out + [""]
+
+
+def _parse_section(run: RunData) -> list[str]:
+    """Each parsed role's stored replies that did not parse (every reply, re-asks included)."""
+    if not run.parse_failures:
+        return []
+    rows = [[p["role"], f"{p['replies']:,}", f"{p['failures']:,}", _pct(p["share"])] for p in run.parse_failures]
+    return ["## Replies that did not parse", ""] + _table(["role", "replies", "did not parse", "share"], rows) + [
+        "", "Every stored reply of the role, re-asks included, read by the parser the run applies. A share above "
+        "fail_fast.max_share within one stage stops the run (exit 5).", ""]
 
 
 def _train_section(run: RunData) -> list[str]:
@@ -383,6 +405,10 @@ def _notes_section(run: RunData) -> list[str]:
         else:
             out.append("- The held-out set is drawn from the training distribution of the simulated teacher's "
                        "world, so accuracy measures in-distribution learning only.")
+    elif not config.get("loop", {}).get("heldout") and run.config is not None:
+        out.append("- The held-out set is a fixed split of the seeds (loop.heldout is unset and the teacher is "
+                   "not the simulated one); accuracy is measured only on items with an `answer`, else only "
+                   "the capability ratio.")
     out.append("- The capability ratio is judged by the referee (a teacher model), which may favour answers "
                "in its own style; the order-disagreement rate shows how often swapping answer order changed "
                "the verdict.")

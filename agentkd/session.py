@@ -16,7 +16,9 @@ from agentkd.budget import Budget
 from agentkd.config import RunConfig, dump_config
 from agentkd.gateway import Gateway
 from agentkd.ledger import resume_note
+from agentkd.replies import ReplyCheck
 from agentkd.roles.requests import RolePrompts
+from agentkd.run_status import RunStatus
 from agentkd.store import Store
 from agentkd.teachers import build_teachers, endpoints
 
@@ -27,6 +29,7 @@ class TeacherSession:
     store: Store
     gateway: Gateway
     prompts: RolePrompts
+    status: RunStatus  # runs/<name>/status.json, kept current for `agentkd status`
 
 
 def uses_embedded_sim(config: RunConfig) -> bool:
@@ -35,8 +38,10 @@ def uses_embedded_sim(config: RunConfig) -> bool:
 
 
 @asynccontextmanager
-async def teacher_session(config: RunConfig, console: Console | None = None) -> AsyncIterator[TeacherSession]:
-    """`console`: where a resumed run says that an earlier session was interrupted, and what it counts."""
+async def teacher_session(config: RunConfig, console: Console | None = None, *, command: str = "run",
+                          role: str | None = None) -> AsyncIterator[TeacherSession]:
+    """`console`: where a resumed run says that an earlier session was interrupted, and what it counts.
+    `command` and `role`: what status.json says is running."""
     prompts = RolePrompts(config)  # bad prompt files fail before anything is opened
     sim = None
     sim_url = None
@@ -57,13 +62,26 @@ async def teacher_session(config: RunConfig, console: Console | None = None) -> 
             gateway = Gateway(teachers=teachers, store=store, budget=budget, limits=config.limits,
                               seed=config.run.seed)
             await gateway.start()
+            gateway.reply_check = ReplyCheck(config.fail_fast, model_of=lambda r: config.role(r).model)
             note = resume_note(gateway.prior)
             if note is not None and console is not None:
                 console.print(note, highlight=False)
+            # Only once the store is ours: a second process refused by the lock leaves the file alone.
+            status = RunStatus(run_dir, gateway, run=config.run.name, command=command, role=role,
+                               iterations=config.loop.iterations if command == "run" else None)
+            ended: BaseException | None = None
             try:
-                yield TeacherSession(config, store, gateway, prompts)
+                await status.start()
+                yield TeacherSession(config, store, gateway, prompts, status)
+            except BaseException as err:
+                ended = err
+                raise
             finally:
                 await gateway.aclose()
+                try:
+                    await status.close(ended)
+                except OSError:
+                    pass  # the session's own outcome matters more than its status file
         finally:
             await store.close()
     finally:

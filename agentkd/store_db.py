@@ -157,8 +157,10 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         if "lock" in text.lower():
             pid = re.search(r"PID (\d+)", text)
             holder = f"process {pid.group(1)}" if pid else "another process"
+            # Name only what works: DuckDB refuses every other process meanwhile, read-only opens included.
             raise StoreLockedError(
-                f"{path}: the run database is open for writing in {holder}; stop it or wait for it "
-                f"to finish (read-only access: agentkd report/export, or duckdb -readonly)"
+                f"{path}: the run database is open for writing in {holder}, and DuckDB lets no other process "
+                f"open it meanwhile, not even read-only. `agentkd status {path.parent}` shows what the run is "
+                f"doing; stop it (it resumes) or wait for the run to finish, then run this command again"
             ) from None
         raise StoreError(f"{path}: cannot open the run database: {text}") from None

@@ -167,7 +167,8 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
     results: dict[int, dict[str, Any]] = {}
     started = time.monotonic()
     console = console or plain_console()
-    async with teacher_session(config, console=console) as session:
+    async with teacher_session(config, console=console, command="teach", role=role) as session:
+        session.status.set_stage("teach")
         handle = _handlers(session, summary, rows, rationale_rate=rationale_rate, mode=mode,
                            tau=config.loop.tau)
         live = JsonlAppender(output_path)
@@ -183,7 +184,7 @@ async def teach(config: RunConfig, role: str, input_path: Path, output_path: Pat
         try:
             await run_all(range(len(rows)), answer, gateway=session.gateway, label=role, outcome=outcome,
                           concurrency=config.limits.max_concurrency, console=console,
-                          show_progress=show_progress)
+                          show_progress=show_progress, status=session.status)
         finally:
             session.store.before_commit.remove(live.flush)
             live.close()

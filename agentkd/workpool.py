@@ -2,7 +2,8 @@
 
 A skipped call (CallFailed) is recorded and the rest go on; a deferred item goes to the back of the
 line after the wait its provider asked for (its concurrency slot is free meanwhile); budget, auth,
-quota and store failures stop everything and propagate.
+quota and store failures, and a role whose results are unusable (fail-fast), stop everything and
+propagate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agentkd.budget import BudgetExhausted
 from agentkd.gateway import CallFailed, Gateway, SendingStopped
 from agentkd.ledger import spend_text
+from agentkd.replies import UnusableReplies
 from agentkd.retry import Deferred
+from agentkd.run_status import RunStatus
 from agentkd.store import StoreError
 from agentkd.teachers.base import TeacherError
 
@@ -54,11 +57,14 @@ class PoolOutcome(Generic[R]):
 async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, gateway: Gateway, label: str,
                   concurrency: int, console: Console | None = None, show_progress: bool = True,
                   on_done: Callable[[], None] | None = None,
-                  outcome: PoolOutcome[R] | None = None) -> PoolOutcome[R]:
-    """Pass `outcome` to keep the partial results when a budget or provider stop raises."""
+                  outcome: PoolOutcome[R] | None = None, status: RunStatus | None = None) -> PoolOutcome[R]:
+    """Pass `outcome` to keep the partial results when a budget or provider stop raises; `status`
+    (status.json) follows the items done."""
     outcome = outcome if outcome is not None else PoolOutcome()
     if not items:
         return outcome
+    if status is not None:
+        status.items_started(label, len(items))
     queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
     for i in range(len(items)):
         queue.put_nowait((i, 0))
@@ -76,9 +82,11 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
     started = time.monotonic()
     sent_before = gateway.stats.sent
 
-    def advance() -> None:
+    def advance(failure_class: str | None = None) -> None:
         nonlocal remaining
         remaining -= 1
+        if status is not None:
+            status.item_finished(failure_class)
         elapsed = max(time.monotonic() - started, 1e-9)
         progress.update(task_id, advance=1, spend=spend_text(budget, gateway.prior, short=True),
                         rate=f"{(gateway.stats.sent - sent_before) / elapsed:.1f} req/s",
@@ -106,10 +114,10 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
                 outcome.failed[index] = deferred.cause.error_class
             except CallFailed as failed:
                 outcome.failed[index] = failed.error.error_class
-            except (BudgetExhausted, StoreError, TeacherError) as err:
+            except (BudgetExhausted, StoreError, TeacherError, UnusableReplies) as err:
                 halt(err)
                 return
-            advance()
+            advance(outcome.failed.get(index))
 
     def halt(reason: BaseException) -> None:
         stop.append(reason)

@@ -1,7 +1,8 @@
 """Role calls through the gateway: one async function per role, returning typed, parsed results.
 
 Used by `agentkd teach` and by the Lion loop alike. A reply that does not parse is a result with a
-reason, never an exception; only the gateway's own errors (budget, auth, a skipped call) propagate.
+reason, never an exception; only the gateway's own errors (budget, auth, a skipped call) propagate,
+and UnusableReplies once a role's results are unusable past the run's fail_fast threshold.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ async def explain(gateway: Gateway, prompts: RolePrompts, text: str, *, with_rat
     task = prompts.task.with_options(options) if options else prompts.task
     if gold_label is not None:
         completion = await gateway.complete(prompts.explain_given_label(text, gold_label))
-        return parse_rationale(completion.text, gold_label, task), completion
-    completion = await gateway.complete(prompts.explain(text, with_rationale=with_rationale, options=options, tag=tag))
-    return parse_explanation(completion.text, task), completion
+        explanation = parse_rationale(completion.text, gold_label, task)
+    else:
+        completion = await gateway.complete(prompts.explain(text, with_rationale=with_rationale, options=options,
+                                                            tag=tag))
+        explanation = parse_explanation(completion.text, task)
+    _check(gateway, "explainer", explanation.ok, completion.text, explanation.reason)
+    return explanation, completion
 
 
 @dataclass
@@ -67,6 +72,7 @@ async def _judge_once(gateway: Gateway, prompts: RolePrompts, instruction: str, 
         judgment = parse_judgment(completion.text)
         if judgment.ok:
             break
+    _check(gateway, "referee", judgment.ok, completion.text, judgment.reason)  # one result per order
     return judgment
 
 
@@ -78,4 +84,12 @@ async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str
     request = prompts.generate(seed_instruction, prompt=prompt, failed_answer=failed_answer,
                                referee_comparison=referee_comparison, sample=sample)
     completion = await gateway.complete(request)
-    return parse_item(completion.text, completion.finish_reason, prompts.items), completion
+    generated = parse_item(completion.text, completion.finish_reason, prompts.items)
+    _check(gateway, "generator", generated.ok, completion.text, generated.reason)
+    return generated, completion
+
+
+def _check(gateway: Gateway, role: str, usable: bool, reply: str, why: str | None) -> None:
+    """Fail fast (agentkd/replies.py): raises UnusableReplies once the role's results are mostly unusable."""
+    if gateway.reply_check is not None:
+        gateway.reply_check.record(role, usable, reply, why)
