@@ -158,28 +158,6 @@ def _label_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
     return seeds, heldout
 
 
-def teacher_is_sim(config: RunConfig) -> bool:
-    """Every role is played by the simulated teacher, so its world is the task."""
-    providers = {config.teacher.provider} | {r.provider for r in config.roles.values() if r.provider}
-    return providers == {"sim"}
-
-
-HELDOUT_SPLIT_MAX = 0.2  # of the seeds, at most, when the held-out set is split off them
-
-
-def split_heldout(seeds: list[tuple[str, str | None]], count: int) -> tuple[list, list]:
-    """(seeds kept, held out): min(count, a fifth of the seeds), chosen by the hash of each text, so the
-    split does not depend on the file's order and a resumed or repeated run draws the same one."""
-    unique = {instruction_id(t): (t, a) for t, a in seeds}
-    chosen = set(sorted(unique)[: min(count, int(len(unique) * HELDOUT_SPLIT_MAX))])
-    return ([s for s in seeds if instruction_id(s[0]) not in chosen],
-            [unique[i] for i in sorted(chosen)])
-
-
-def _answer(row: dict) -> str | None:
-    return str(row["answer"]) if row.get("answer") is not None else None
-
-
 def _unique(items: list[Item]) -> list[Item]:
     seen: set[str] = set()
     return [i for i in items if not (i.id in seen or seen.add(i.id))]

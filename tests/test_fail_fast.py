@@ -175,3 +175,25 @@ def test_a_referee_answering_in_prose_stops_the_loop_cheaply_and_the_heldout_set
     report = (run_dir / "report.md").read_text()
     assert "## Replies that did not parse" in report and "| referee (eval) |" in report
     assert "fixed split of the seeds" in report
+
+
+def test_a_non_sim_teachers_heldout_set_is_a_fixed_fifth_of_the_seeds_labels_kept(tmp_path):
+    from agentkd.config import config_from_dict
+    from agentkd.pools import initial_items
+
+    rows = [{"text": f"Review number {i}: it was {'fine' if i % 2 else 'bad'}.",
+             "label": "positive" if i % 2 else "negative"} for i in range(40)]
+    seeds = write_rows(tmp_path / "reviews.jsonl", rows)
+    base = {"teacher": {"provider": "openai", "model": "m", "api_key_env": "X"},
+            "task": {"kind": "custom", "labels": ["positive", "negative"], "input_fields": ["text"]},
+            "loop": {"seeds": str(seeds), "heldout_count": 5}}
+    kept, held = initial_items(config_from_dict(base))
+    assert len(held) == 5 and len(kept) == 35 and not {i.id for i in held} & {i.id for i in kept}
+    assert all(i.source == "heldout" and i.iteration == 0 for i in held)
+    assert all(i.answer in ("positive", "negative") for i in held) and all(i.answer is None for i in kept)
+    # The same split whatever the file's order.
+    write_rows(seeds, rows[::-1])
+    assert {i.id for i in initial_items(config_from_dict(base))[1]} == {i.id for i in held}
+    # The sim teacher keeps drawing its held-out set from its own world (arithmetic, no seeds file).
+    sim_kept, sim_held = initial_items(config_from_dict({"loop": {"seed_count": 10, "heldout_count": 4}}))
+    assert len(sim_kept) == 10 and len(sim_held) == 4 and all(i.answer is not None for i in sim_held)
