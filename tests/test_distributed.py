@@ -137,8 +137,41 @@ def test_two_processes_train_every_objective_and_sft_matches_one_process(taught,
         assert all(n > 0 for (n,) in kd)
     finally:
         store.close_sync()
-    targets = load_config(two).run_dir / "targets" / "3"
-    assert len(list(targets.glob("shard-*"))) >= 2  # built by both processes (6 rows a shard)
+    _check_posterior_shards_against_one_process(load_config(two))
+
+
+def _check_posterior_shards_against_one_process(run) -> None:
+    """Iteration 3's posterior targets, built in shards by 2 processes, against the same targets built
+    here in one call from the saved proxy and the same rows."""
+    from agentkd.kd_targets import MANIFEST, TargetShards
+    from agentkd.posterior import fit_prior, posterior_targets
+    from agentkd.proxy import load_proxy
+    from agentkd.students import load_spec
+    from agentkd.train import _kd_rows
+    from agentkd.train_data import encode_pair, format_prompt
+    from agentkd.training_run import examples_from_store, teacher_corpus
+
+    folder = run.run_dir / "targets" / "3"
+    shards = TargetShards(folder, json.loads((folder / MANIFEST).read_text()))
+    assert len(shards.manifest["shards"]) >= 2  # 6 rows a shard, shard c built by process c % 2
+    store = Store(run.run_dir / "agentkd.duckdb", read_only=True)
+    try:
+        examples, corpus = examples_from_store(store, up_to=True), teacher_corpus(store)
+    finally:
+        store.close_sync()
+    cfg = run.train.model_copy(update={"objective": "posterior_kd"})
+    q = load_proxy(run.run_dir / "proxy" / "3", spec=load_spec(ROOT / "students" / "tiny-proxy.toml"))
+    tok = q.tokenizer
+    picked = _kd_rows(examples, cfg)
+    assert shards.rows == picked and shards.counts == {"evidence_used": 0, "evidence_unused": 0}
+    rows = [encode_pair(tok, format_prompt(examples[i].instruction), examples[i].response, cfg.max_len) for i in picked]
+    prior = fit_prior(tok, corpus, cfg, q.model.config.vocab_size)
+    alone, _ = posterior_targets(q.model, tok, [examples[i] for i in picked], rows, prior, cfg, torch.device("cpu"))
+    for i, expected in zip(picked, alone, strict=True):
+        got = shards.get(i)
+        assert torch.equal(got.ids, expected.ids)
+        torch.testing.assert_close(got.probs, expected.probs, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.tail, expected.tail, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
