@@ -44,7 +44,8 @@ def test_unscored_items_never_seed_generation_and_are_counted_as_unscored(tmp_pa
     unscored = {key for key, label in verdicts.items() if label == "unscored"}
     assert unscored and {"hard", "easy"} <= set(verdicts.values())
     failed_per_pair = {(i, t): n for i, t, n in orders_failed}
-    assert {failed_per_pair[key] for key in unscored} == {1, 2}  # one order missing, and both
+    # unscored: one order missing or both (which of the two occur in a short run is chance)
+    assert {failed_per_pair[key] for key in unscored} <= {1, 2}
     assert all(failed_per_pair[key] == 0 for key in set(verdicts) - unscored)
     # The sim draws one of four bad forms per faulted prompt, so in a short run any single form can be
     # missing by chance (it was, about one run in three): require bad generations to reach the loop and be
