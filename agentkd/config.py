@@ -242,7 +242,9 @@ class TrainSection(Section):
     max_steps: int | None = Field(
         None, gt=0, description="Cap on optimiser steps per training call: a budget that does not depend on machine load."
     )
-    batch_size: int = Field(32, gt=0, description="Sequences per optimiser step.")
+    batch_size: int = Field(
+        32, gt=0, description="Sequences per micro-batch and process (per optimiser step with one process and no accumulation)."
+    )
     max_len: int = Field(
         128, gt=0, description="Most tokens per training sequence (prompt + answer); longer ones are cut."
     )
@@ -315,7 +317,9 @@ class TrainSection(Section):
         1, ge=1, description="> 1: the loop runs its train and proxy stages as a launched subprocess of this many "
         "processes (DDP); 1: in the loop's own process.",
     )
-    launcher: Literal["accelerate", "torchrun"] = "accelerate"
+    launcher: Literal["accelerate", "torchrun"] = Field(
+        "accelerate", description="What runs the train and proxy stages when num_processes > 1: accelerate launch or torchrun."
+    )
     launcher_args: list[str] = Field(
         default_factory=list, description="Extra launcher arguments, e.g. [\"--config_file\", \"fsdp.yaml\"].",
     )
