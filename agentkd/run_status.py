@@ -122,7 +122,8 @@ class RunStatus:
         self._sent.append((now, stats.sent))
         while len(self._sent) > 2 and now - self._sent[1][0] >= RATE_WINDOW_S:
             self._sent.popleft()
-        (then, sent_then), elapsed = self._sent[0], now - self._sent[0][0]
+        (then, sent_then) = self._sent[0]
+        elapsed = now - then
         rate = (stats.sent - sent_then) / elapsed if elapsed > 0 else 0.0
         replies = g.reply_check.shares() if g.reply_check is not None else {}
         return {

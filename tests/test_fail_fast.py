@@ -4,7 +4,6 @@ and a non-sim teacher's held-out set comes from the user's data, never from the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

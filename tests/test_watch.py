@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from agentkd.cli import main
 from agentkd.config import SimSection
