@@ -32,20 +32,35 @@ class Reservation(NamedTuple):
 
 
 class Usage(NamedTuple):
-    input_tokens: int
+    input_tokens: int  # every input token: cache reads and writes included
     output_tokens: int
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # cache reads
+    cache_write_tokens: int = 0  # written to the provider's prompt cache (Anthropic bills a premium)
 
 
-def cost_usd(price: PriceSection, usage: Usage) -> float:
-    """USD of one call: cached input at the cached price where the provider reports it."""
+def cost_usd(price: PriceSection, usage: Usage, *, batch: bool = False) -> float:
+    """USD of one call: cache reads and writes at their prices where the provider reports them; in
+    batch mode every token at the batch discount (the two stack on both providers)."""
     cached = min(usage.cached_tokens, usage.input_tokens)
+    written = min(usage.cache_write_tokens, usage.input_tokens - cached)
     cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
-    return (
-        (usage.input_tokens - cached) * price.input_per_mtok
+    write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+    usd = (
+        (usage.input_tokens - cached - written) * price.input_per_mtok
         + cached * cached_price
+        + written * write_price
         + usage.output_tokens * price.output_per_mtok
     ) / 1_000_000
+    return usd * (1.0 - price.batch_discount) if batch else usd
+
+
+def worst_case_usd(price: PriceSection, input_tokens: int, max_tokens: int, *, batch: bool = False,
+                   cache_writes: bool = False) -> float:
+    """The most one call can cost: every output token, and with caching on every input token written
+    to the cache at its premium (when that costs more than plain input)."""
+    write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+    written = input_tokens if cache_writes and write_price > price.input_per_mtok else 0
+    return cost_usd(price, Usage(input_tokens, max_tokens, 0, written), batch=batch)
 
 
 class Budget:
@@ -58,6 +73,13 @@ class Budget:
         self.reserved_usd = 0.0
         self.reserved_tokens = 0
         self.reserved_calls = 0  # reservations open now: calls in flight or about to be sent
+        # Batch requests submitted (or about to be) and not yet settled. Apart from reserved_*: their
+        # durable record is the batch tables (batches/records.py), not the session's spend cover.
+        self.held_usd = 0.0
+        self.held_tokens = 0
+        self.held_calls = 0
+        self.adopted_usd = 0.0  # pending batch requests of earlier sessions this one holds (adopt())
+        self.adopted_calls = 0
         self.restored_usd = 0.0  # what earlier sessions spent (part of settled_*)
         self.restored_tokens = 0
         self._ids = itertools.count()
@@ -70,10 +92,14 @@ class Budget:
         self.settled_tokens = self.restored_tokens = tokens
         self._prefix = run_id
 
-    def worst_case(self, model: str, input_tokens: int, max_tokens: int) -> tuple[float, int]:
-        return self.cost(model, Usage(input_tokens, max_tokens)), input_tokens + max_tokens
+    def worst_case(self, model: str, input_tokens: int, max_tokens: int, *, batch: bool = False,
+                   cache_writes: bool = False) -> tuple[float, int]:
+        price = self._price(model)
+        usd = 0.0 if price is None else worst_case_usd(price, input_tokens, max_tokens, batch=batch,
+                                                        cache_writes=cache_writes)
+        return usd, input_tokens + max_tokens
 
-    def cost(self, model: str, usage: Usage) -> float:
+    def _price(self, model: str) -> PriceSection | None:
         price = self._prices.get(model, _UNKNOWN)
         if price is _UNKNOWN:
             try:
@@ -81,14 +107,63 @@ class Budget:
             except ConfigError:
                 price = None  # a tokens-only budget may use a model without a configured price
             self._prices[model] = price
-        return 0.0 if price is None else cost_usd(price, usage)
+        return price  # type: ignore[return-value]
+
+    def cost(self, model: str, usage: Usage, *, batch: bool = False) -> float:
+        price = self._price(model)
+        return 0.0 if price is None else cost_usd(price, usage, batch=batch)
 
     def fits(self, usd: float, tokens: int) -> bool:
-        if self.cap_usd is not None and self.settled_usd + self.reserved_usd + usd > self.cap_usd + 1e-12:
+        if (self.cap_usd is not None
+                and self.settled_usd + self.reserved_usd + self.held_usd + usd > self.cap_usd + 1e-12):
             return False
-        if self.cap_tokens is not None and self.settled_tokens + self.reserved_tokens + tokens > self.cap_tokens:
+        if (self.cap_tokens is not None
+                and self.settled_tokens + self.reserved_tokens + self.held_tokens + tokens > self.cap_tokens):
             return False
         return True
+
+    # ---- batch requests: held from before their batch is uploaded until their result settles -------
+    def hold(self, key: str, model: str, input_tokens: int, max_tokens: int, *, reservation_id: str,
+             cache_writes: bool = False) -> Reservation | None:
+        """Reserve a batch request's worst case at the batch price; None if it does not fit now."""
+        usd, tokens = self.worst_case(model, input_tokens, max_tokens, batch=True, cache_writes=cache_writes)
+        if not self.fits(usd, tokens):
+            return None
+        self.held_usd += usd
+        self.held_tokens += tokens
+        self.held_calls += 1
+        return Reservation(reservation_id, key, model, usd, tokens)
+
+    def adopt(self, reservation: Reservation) -> None:
+        """A pending batch request of an earlier session: what restore() counted as possibly spent for
+        it becomes this session's hold, to be settled when its result comes."""
+        self.settled_usd -= reservation.usd
+        self.restored_usd -= reservation.usd
+        self.settled_tokens -= reservation.tokens
+        self.restored_tokens -= reservation.tokens
+        self.held_usd += reservation.usd
+        self.held_tokens += reservation.tokens
+        self.held_calls += 1
+        self.adopted_usd += reservation.usd
+        self.adopted_calls += 1
+
+    def settle_held(self, reservation: Reservation, usage: Usage | None) -> tuple[float, int]:
+        """A batch request's result: at its usage, or (None: billed but unreadable) its whole hold."""
+        self.unhold(reservation)
+        if usage is None:
+            usd, tokens = reservation.usd, reservation.tokens
+        else:
+            usd = self.cost(reservation.model, usage, batch=True)
+            tokens = usage.input_tokens + usage.output_tokens
+        self.settled_usd += usd
+        self.settled_tokens += tokens
+        return usd, tokens
+
+    def unhold(self, reservation: Reservation) -> None:
+        """The request was not processed (expired, cancelled, errored, or never submitted): nothing billed."""
+        self.held_usd -= reservation.usd
+        self.held_tokens -= reservation.tokens
+        self.held_calls -= 1
 
     def reserve(self, key: str, model: str, input_tokens: int, max_tokens: int) -> Reservation:
         usd, tokens = self.worst_case(model, input_tokens, max_tokens)

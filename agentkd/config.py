@@ -85,6 +85,18 @@ class SimSection(Section):
     explainer_no_label_rate: float = Field(
         0.0, ge=0, le=1, description="Share of explainer replies without a label."
     )
+    # Batch APIs (teachers/sim/batches.py). A batch's requests finish at moments spread over
+    # batch_hours, its window is 24 h; both run at batch_time_scale wall-clock seconds per second.
+    batch_time_scale: float = Field(
+        1e-3, gt=0, description="Wall-clock seconds per simulated second of batch processing (1: real time)."
+    )
+    batch_hours: float = Field(0.5, gt=0, description="Simulated hours a batch takes to finish every request.")
+    batch_faults: list[str] = Field(
+        default_factory=list,
+        description='One per created batch, in order: "ok", "expire:<share done>", "fail" (OpenAI: the batch '
+        'fails validation; Anthropic: every request errors), "drop_create" (the batch is created, the '
+        'create response is cut off), "cancel:<share done>".',
+    )
 
 
 class TeacherSection(Section):
@@ -103,6 +115,9 @@ class TeacherSection(Section):
     transport: Literal["aiohttp", "sdk"] = Field(
         "aiohttp", description="aiohttp (fast, default) or the official SDK clients."
     )
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: one HTTP call per request; batch: the provider's batch API (50% price, hours)."
+    )
 
 
 class RoleOverride(Section):
@@ -120,6 +135,7 @@ class RoleOverride(Section):
         None, gt=0, description="Output cap per call, also what the budget reserves (default: answerer 512, explainer 256, referee 512, generator 256)."
     )
     prompt: str | None = Field(None, description="Path of a prompt template replacing the built-in.")
+    mode: Literal["online", "batch"] | None = Field(None, description="This role's mode (None: teacher.mode).")
 
 
 # Per-role defaults from the papers (Lion: teacher 0.7, referee 0.2, generator 1.0).
@@ -151,6 +167,26 @@ class BudgetSection(Section):
     tokens: int | None = Field(None, ge=0, description="Hard cap in input+output tokens.")
 
 
+class BatchSection(Section):
+    """Batch mode (teacher.mode / roles.<r>.mode = "batch"): how requests become provider batches."""
+
+    collect_s: float = Field(
+        0.5, gt=0, description="A chunk is submitted once no new request has come for this long (or it is full)."
+    )
+    max_requests: int | None = Field(
+        None, gt=0, description="Requests per batch (None: the provider's limit, 50,000 OpenAI, 100,000 Anthropic)."
+    )
+    max_bytes: int | None = Field(
+        None, gt=0, description="Bytes per batch file (None: the provider's limit, 200 MB OpenAI, 256 MB Anthropic)."
+    )
+    poll_s: float = Field(5.0, gt=0, description="First wait between status polls.")
+    poll_max_s: float = Field(300.0, gt=0, description="Polls back off to at most this.")
+    max_resubmits: int = Field(3, ge=0, description="Times an expired, cancelled or errored request is re-queued.")
+    wait: bool = Field(
+        True, description="False: exit once every batch is submitted (resume later with the same command)."
+    )
+
+
 class PriceSection(Section):
     """The price of one model (`[prices."gpt-4o-mini"]`): required for every model in use when budget.usd
     is set; the sim teacher's nominal price is built in."""
@@ -158,10 +194,14 @@ class PriceSection(Section):
     input_per_mtok: float = Field(ge=0, description="USD per million input tokens.")
     output_per_mtok: float = Field(ge=0, description="USD per million output tokens.")
     cached_input_per_mtok: float | None = Field(
-        None, ge=0, description="USD per million cached input tokens (None: the input price)."
+        None, ge=0, description="USD per million cached input tokens read (Anthropic: 0.1x input; None: the input price)."
+    )
+    cache_write_per_mtok: float | None = Field(
+        None, ge=0, description="USD per million tokens written to the prompt cache (Anthropic 5-minute: 1.25x "
+        "input; None: the input price)."
     )
     batch_discount: float = Field(
-        0.0, ge=0, lt=1, description="Share off for batch APIs; not applied yet (agentkd sends no batch requests)."
+        0.5, ge=0, lt=1, description="Share off every token in batch mode (OpenAI and Anthropic: 50%)."
     )
 
 
@@ -420,6 +460,7 @@ class RunConfig(Section):
     roles: dict[RoleName, RoleOverride] = Field(default_factory=dict)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
+    batch: BatchSection = Field(default_factory=BatchSection)
     prices: dict[str, PriceSection] = Field(default_factory=dict)
     task: TaskSection = Field(default_factory=TaskSection)
     student: StudentSection = Field(default_factory=StudentSection)
@@ -479,6 +520,7 @@ class RunConfig(Section):
             temperature=override.temperature if override.temperature is not None else defaults["temperature"],
             max_tokens=override.max_tokens or defaults["max_tokens"],
             prompt=override.prompt,
+            mode=override.mode or self.teacher.mode,
         )
 
     def price(self, model: str) -> PriceSection:
@@ -500,6 +542,7 @@ class ResolvedRole(Section):
     temperature: float
     max_tokens: int
     prompt: str | None
+    mode: Literal["online", "batch"] = "online"
 
 
 # The sim "charges" like a small paid model so cost figures in the quickstart are meaningful.

@@ -106,6 +106,13 @@ class Gateway:
         # replies.ReplyCheck, set by the session: the role calls (roles/calls.py) report each result to
         # it, and it stops a role whose results are unusable. None: no check.
         self.reply_check = None
+        # Batch mode (batches/runner.py), set by the session: requests whose mode is "batch", and any
+        # whose key is in a batch an earlier session left open, are answered by a provider batch.
+        self.batches: Any = None
+
+    @property
+    def session(self) -> str:
+        return self._session
 
     async def start(self) -> None:
         """Load what earlier processes stored: answered keys and everything they spent or reserved."""
@@ -113,16 +120,35 @@ class Gateway:
         self._stored_keys = self.store.ok_call_keys()
         self.prior = prior_spend(self.store)
         self.budget.restore(usd=self.prior.usd, tokens=self.prior.tokens, run_id=f"{self._session}-")
+        if self.batches is not None:
+            self.batches.resume()  # open batches' requests move from the restored spend to held
 
     def stop_sending(self) -> None:
         """Calls in flight finish; calls still waiting for budget cover or a limiter slot are dropped
         with SendingStopped and their reservations released, so a stopping run buys nothing new."""
         self.sending = False
+        if self.batches is not None:
+            self.batches.stop_waiting()
 
     def resume_sending(self) -> None:
         self.sending = True
+        if self.batches is not None:
+            self.batches.stopped = False
+
+    def mark_stored(self, key: str) -> None:
+        """A batch result's call row has committed: from now on the store answers this key."""
+        self._stored_keys.add(key)
+        self.stats.ok += 1
+
+    def on_budget_freed(self) -> None:
+        """Batch results settled below their holds: online calls waiting for budget look again."""
+        if self._budget_waiters:
+            self._budget_freed.set()
+            self._budget_freed = asyncio.Event()
 
     async def aclose(self) -> None:
+        if self.batches is not None:
+            await self.batches.aclose()  # open batches stay open at the provider and in the store
         try:
             await self.cover.close()
         except StoreError:
@@ -163,6 +189,8 @@ class Gateway:
         return result
 
     async def _call_teacher(self, request: TeacherRequest, key: str) -> Completion:
+        if self.batches is not None and (request.mode == "batch" or self.batches.has(key)):
+            return await self.batches.complete(request)
         teacher = self.teachers[request.provider]
         estimate = estimate_prompt(request.messages, request.provider)
         attempts = 0
@@ -190,7 +218,7 @@ class Gateway:
             # Recorded, so the attempts it made and why it waits are in the run database; an ok row
             # follows when the item comes back and succeeds.
             self.stats.deferred += 1
-            await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts,
+            await self.store.write("calls", self.call_row(request, key, estimate.estimator, attempts,
                                                            self._clock() - started, deferred=deferred))
             raise
         except TeacherError as err:
@@ -198,7 +226,7 @@ class Gateway:
         latency = self._clock() - started
         if last_error is not None:
             self.stats.failed += 1
-            await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts, latency,
+            await self.store.write("calls", self.call_row(request, key, estimate.estimator, attempts, latency,
                                                            error=last_error))
             if last_error.fatal:
                 raise last_error
@@ -206,7 +234,7 @@ class Gateway:
         completion = Completion(key=key, text=reply.text, finish_reason=reply.finish_reason,
                                 input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
                                 cost_usd=cost, attempts=attempts, logprobs=reply.logprobs)
-        await self.store.write("calls", self._call_row(request, key, estimate.estimator, attempts, latency,
+        await self.store.write("calls", self.call_row(request, key, estimate.estimator, attempts, latency,
                                                        reply=reply, cost=cost))
         self._stored_keys.add(key)
         self.stats.ok += 1
@@ -247,7 +275,7 @@ class Gateway:
             self.stats.sent += 1
             reply = await teacher.complete(request, timeout_s=self.limits.timeout_s)
             status = 200
-            usage = Usage(reply.input_tokens, reply.output_tokens, reply.cached_tokens)
+            usage = Usage(reply.input_tokens, reply.output_tokens, reply.cached_tokens, reply.cache_write_tokens)
             outcome = "settle"
             self.limiter.observe(reply.headers, estimated_input=estimate, actual_input=reply.input_tokens)
             return reply, self.budget.cost(request.model, usage)
@@ -306,7 +334,7 @@ class Gateway:
             self.stats.rate_limited += 1
             self.limiter.on_rate_limited(seconds)
 
-    def _call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
+    def call_row(self, request: TeacherRequest, key: str, estimator: str, attempts: int, latency: float, *,
                   reply: TeacherReply | None = None, cost: float = 0.0,
                   error: TeacherError | None = None, deferred: Deferred | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -314,11 +342,13 @@ class Gateway:
             "prompt_version": request.prompt_version,
             "request_json": request.canonical_json,
             "attempts": attempts, "latency_s": latency, "estimator": estimator, "batch_id": self._session,
+            "mode": "online",
         }
         if reply is not None:
             row.update(status="ok", response_text=reply.text, finish_reason=reply.finish_reason,
                        truncated=reply.truncated, input_tokens=reply.input_tokens,
                        output_tokens=reply.output_tokens, cached_tokens=reply.cached_tokens, cost_usd=cost,
+                       cache_write_tokens=reply.cache_write_tokens,
                        request_id=reply.request_id,
                        logprobs_json=json.dumps(reply.logprobs) if reply.logprobs is not None else None)
         if error is not None:

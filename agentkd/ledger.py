@@ -85,11 +85,15 @@ class SpendCover:
         lower = slack_usd > high_usd + EPS or slack_tokens > high_tokens
         return want if raise_ or lower else None
 
-    async def cover(self, worst_usd: float, worst_tokens: int) -> None:
-        """Return once a committed level covers this session's exposure (the caller's reservation included)."""
+    def widen(self, worst_usd: float, worst_tokens: int) -> None:
+        """Take a worst case into the band (a batch request's, whose settle rows go through record())."""
         if worst_usd > self._worst[0] or worst_tokens > self._worst[1]:
             self._worst = (max(worst_usd, self._worst[0]), max(worst_tokens, self._worst[1]))
             self._bands = self.bands()
+
+    async def cover(self, worst_usd: float, worst_tokens: int) -> None:
+        """Return once a committed level covers this session's exposure (the caller's reservation included)."""
+        self.widen(worst_usd, worst_tokens)
         mine = self._exposure()
         level = self._next_level(*mine)
         if level is not None:
@@ -175,14 +179,19 @@ class PriorSpend(NamedTuple):
     unsettled_tokens: int = 0
     interrupted: int = 0  # sessions without a close row (kill -9, power loss, a failed store)
     in_flight: int | None = 0  # their calls in flight at their last ledger row; None: an older file
+    # Batch requests queued in a provider batch with no result yet: their worst cases at the batch price
+    # (a session that resumes the batch holds them again and settles each as its result comes).
+    batch_usd: float = 0.0
+    batch_tokens: int = 0
+    batch_requests: int = 0
 
     @property
     def usd(self) -> float:
-        return self.settled_usd + self.unsettled_usd
+        return self.settled_usd + self.unsettled_usd + self.batch_usd
 
     @property
     def tokens(self) -> int:
-        return self.settled_tokens + self.unsettled_tokens
+        return self.settled_tokens + self.unsettled_tokens + self.batch_tokens
 
     def interruption(self) -> str:
         """e.g. "an interrupted session (3 calls in flight)"."""
@@ -230,6 +239,7 @@ def prior_spend(store: Store) -> PriorSpend:
     unsettled_usd, unsettled_tokens = float(legacy[2]), int(legacy[3])
     interrupted = 1 if legacy[4] else 0
     in_flight: int | None = int(legacy[4])
+    batch_usd, batch_tokens, batch_requests = pending_batch_spend(store)
     for s_usd, s_tokens, c_usd, c_tokens, closed, has_cover, last_in_flight in sessions:
         settled_usd += float(s_usd)
         settled_tokens += int(s_tokens)
@@ -242,7 +252,25 @@ def prior_spend(store: Store) -> PriorSpend:
             in_flight = None  # a block session: nothing says how many calls it had in flight
         else:
             in_flight += int(last_in_flight or 0)
-    return PriorSpend(settled_usd, settled_tokens, unsettled_usd, unsettled_tokens, interrupted, in_flight)
+    return PriorSpend(settled_usd, settled_tokens, unsettled_usd, unsettled_tokens, interrupted, in_flight,
+                      batch_usd, batch_tokens, batch_requests)
+
+
+def pending_batch_spend(store: Store) -> tuple[float, int, int]:
+    """Worst cases of batch requests queued and neither closed (done, requeued, failed) nor settled.
+
+    A request's settle row is written before its `done` row, and its reservation id is its custom_id,
+    so a crash between the two counts it once, as settled."""
+    row = store.query(
+        """
+        SELECT coalesce(sum(q.reserved_usd), 0), coalesce(sum(q.reserved_tokens), 0), count(*)
+        FROM batch_requests q
+        WHERE q.event = 'queued'
+          AND NOT EXISTS (SELECT 1 FROM batch_requests c WHERE c.custom_id = q.custom_id AND c.event <> 'queued')
+          AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.reservation_id = q.custom_id AND r.event = 'settle')
+        """
+    )[0]
+    return float(row[0]), int(row[1]), int(row[2])
 
 
 def spent_in_store(store: Store) -> tuple[float, int]:
@@ -252,17 +280,25 @@ def spent_in_store(store: Store) -> tuple[float, int]:
 
 
 def spend_text(budget: Budget, prior: PriorSpend, *, short: bool = False) -> str:
-    """The run's cumulative spend against the cap: settled, and what an interrupted session may have
-    been billed for the calls it had in flight (both count against the cap). `short`: for a progress bar."""
-    settled = budget.settled_usd - prior.unsettled_usd
+    """The run's cumulative spend against the cap: settled, what an interrupted session may have been
+    billed for the calls it had in flight, and what batch requests hold until their results come (all
+    count against the cap). `short`: for a progress bar."""
+    # Pending batch requests restore() counted as spent and no session holds yet (estimate, report).
+    unadopted_usd = max(prior.batch_usd - budget.adopted_usd, 0.0)
+    unadopted = max(prior.batch_requests - budget.adopted_calls, 0)
+    settled = budget.settled_usd - prior.unsettled_usd - unadopted_usd
+    held_usd, held = budget.held_usd + unadopted_usd, budget.held_calls + unadopted
     if short:
         extra = f" +${prior.unsettled_usd:.4f} interrupted" if prior.interrupted else ""
+        extra += f" +${held_usd:.4f} batch" if held else ""
         return f"${settled:.4f}{extra}" + (f"/${budget.cap_usd:g}" if budget.cap_usd is not None else "")
     cap = f" of ${budget.cap_usd:g}" if budget.cap_usd is not None else ""
-    text = f"${settled:.4f}{cap}"
+    text = f"${settled:.4f}"
     if prior.interrupted:
-        text = (f"${settled:.4f} settled + ${prior.unsettled_usd:.4f} possibly billed by "
-                f"{prior.interruption()}{cap}")
+        text = f"${settled:.4f} settled + ${prior.unsettled_usd:.4f} possibly billed by {prior.interruption()}"
+    if held:
+        text += f" + ${held_usd:.4f} held for {held:,} batch request{'' if held == 1 else 's'}"
+    text += cap
     if budget.cap_tokens is not None:
         text += f", {budget.settled_tokens:,} of {budget.cap_tokens:,} tokens"
     return text

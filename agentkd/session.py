@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from agentkd.batches import batch_runner
 from agentkd.budget import Budget
 from agentkd.config import RunConfig, dump_config
 from agentkd.gateway import Gateway
@@ -61,6 +62,8 @@ async def teacher_session(config: RunConfig, console: Console | None = None, *, 
             budget = Budget(usd=config.budget.usd, tokens=config.budget.tokens, price_of=config.price)
             gateway = Gateway(teachers=teachers, store=store, budget=budget, limits=config.limits,
                               seed=config.run.seed)
+            say = (lambda line: console.print(line, highlight=False)) if console is not None else None
+            gateway.batches = batch_runner(config, gateway, sim_url, say)
             await gateway.start()
             gateway.reply_check = ReplyCheck(config.fail_fast, model_of=lambda r: config.role(r).model)
             note = resume_note(gateway.prior)

@@ -16,6 +16,13 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("error_class", "VARCHAR"), ("error_detail", "VARCHAR"), ("request_id", "VARCHAR"),
         ("batch_id", "VARCHAR"), ("estimator", "VARCHAR"), ("logprobs_json", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
+        # How it was bought ("online" | "batch"; batch_id is then the agentkd batch id, else the session),
+        # and the prompt-cache tokens written (cached_tokens are the ones read).
+        ("mode", "VARCHAR"), ("cache_write_tokens", "BIGINT"),
+        # The logprob record (evidence.py): alternatives per position, "raw" (as the provider sent them),
+        # the sampling temperature, and a hash of the tokenizer the tokens belong to when known.
+        ("logprobs_top", "INTEGER"), ("logprobs_kind", "VARCHAR"), ("logprobs_temperature", "DOUBLE"),
+        ("tokenizer_hash", "VARCHAR"),
     ],
     # The budget ledger (ledger.py). Per session: `cover` rows, each the level of spend (usd, tokens)
     # the session may have reached, committed before the calls it covers are sent, and a `close` row
@@ -31,6 +38,24 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("status_code", "INTEGER"), ("error_class", "VARCHAR"), ("latency_s", "DOUBLE"),
         ("session", "VARCHAR"), ("reserved_usd", "DOUBLE"), ("reserved_tokens", "BIGINT"),
         ("in_flight", "INTEGER"),
+    ],
+    # Provider batches (batches/records.py), one row per event of an agentkd batch: `prepared` (its
+    # requests are in batch_requests, committed before anything is uploaded), `uploaded` (OpenAI: the
+    # input file), `submitted` (the provider's batch id), `status` (a poll that saw a change), `ended`
+    # (its final status; every result stored).
+    "batches": [
+        ("batch_id", "VARCHAR"), ("provider", "VARCHAR"), ("model", "VARCHAR"), ("event", "VARCHAR"),
+        ("provider_batch_id", "VARCHAR"), ("file_id", "VARCHAR"), ("status", "VARCHAR"),
+        ("requests", "INTEGER"), ("counts_json", "VARCHAR"), ("detail", "VARCHAR"), ("session", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    # One row per request and event: `queued` (in a batch, with its worst case held and the canonical
+    # request), then one of `done` (its answer is a calls row), `requeued` (expired, cancelled or errored
+    # at the provider: asked again in a later batch, nothing billed), `failed` (the provider refused it).
+    "batch_requests": [
+        ("batch_id", "VARCHAR"), ("custom_id", "VARCHAR"), ("key", "VARCHAR"), ("event", "VARCHAR"),
+        ("role", "VARCHAR"), ("reserved_usd", "DOUBLE"), ("reserved_tokens", "BIGINT"),
+        ("request_json", "VARCHAR"), ("detail", "VARCHAR"), ("created_at", "TIMESTAMP"),
     ],
     # One row per instruction id (Store writes an id once; its pool is decided once): train, heldout
     # or rejected. Files from earlier versions can hold later rows for an id (a generated copy of it

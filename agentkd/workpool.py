@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from agentkd.batches.runner import BatchesPending
 from agentkd.budget import BudgetExhausted
 from agentkd.gateway import CallFailed, Gateway, SendingStopped
 from agentkd.ledger import spend_text
@@ -114,7 +115,7 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
                 outcome.failed[index] = deferred.cause.error_class
             except CallFailed as failed:
                 outcome.failed[index] = failed.error.error_class
-            except (BudgetExhausted, StoreError, TeacherError, UnusableReplies) as err:
+            except (BudgetExhausted, StoreError, TeacherError, UnusableReplies, BatchesPending) as err:
                 halt(err)
                 return
             advance(outcome.failed.get(index))
@@ -135,7 +136,10 @@ async def run_all(items: Sequence[T], handle: Callable[[T], Awaitable[R]], *, ga
     graceful = threading.current_thread() is threading.main_thread()
     if graceful:
         loop.add_signal_handler(signal.SIGINT, interrupt)
-    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency * WORKERS_PER_SLOT, len(items)))]
+    slots = concurrency * WORKERS_PER_SLOT
+    if gateway.batches is not None and gateway.batches.collecting:
+        slots = len(items)  # a batch answers what it was given: every item's request goes into it at once
+    workers = [asyncio.create_task(worker()) for _ in range(min(slots, len(items)))]
     try:
         with progress:
             await finished.wait()

@@ -59,7 +59,7 @@ class RolePrompts:
             role=tag or role, provider=settings.provider, model=settings.model,
             messages=tuple(template.render(values)), temperature=settings.temperature,
             max_tokens=settings.max_tokens, prompt_version=f"{prompt}:{template.version}",
-            top_logprobs=top_logprobs, response_format=response_format, sample=sample,
+            top_logprobs=top_logprobs, response_format=response_format, sample=sample, mode=settings.mode,
         )
 
     def answer(self, instruction: str, *, tag: str | None = None) -> TeacherRequest:

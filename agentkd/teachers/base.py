@@ -42,6 +42,9 @@ class TeacherRequest:
     top_logprobs: int = 0
     response_format: dict[str, Any] | None = None  # {"name", "schema"}, where the provider supports it
     sample: int = 0  # a fresh draw of the same prompt (e.g. re-asking after an unparseable reply)
+    # How it is bought, not what it asks: outside canonical(), so an answer bought online serves a batch
+    # request for the same prompt and the other way round.
+    mode: str = "online"  # "online" | "batch"
 
     def canonical(self) -> dict[str, Any]:
         """What identifies the request: never the API key or the base URL."""
@@ -78,6 +81,7 @@ class TeacherReply:
     input_tokens: int
     output_tokens: int
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # Anthropic cache_creation_input_tokens (part of input_tokens)
     request_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers only
     logprobs: list[dict[str, Any]] | None = None  # [{"token", "logprob", "top": [[token, logprob]...]}]

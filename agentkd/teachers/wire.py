@@ -203,4 +203,5 @@ def parse_anthropic(data: dict[str, Any], raw: str) -> TeacherReply:
         input_tokens=input_tokens + cached + created,
         output_tokens=output_tokens,
         cached_tokens=cached,
+        cache_write_tokens=created,
     )

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from agentkd.config import SimSection
 from agentkd.teachers.sim import roles
+from agentkd.teachers.sim.batches import SimBatches
 from agentkd.teachers.sim.faults import HTML_PAGE, Fault, dumps, error_body, parse_script, quota_error, random_fault
 from agentkd.teachers.sim.protocol import (
     CLIENT_KEY_HEADER,
@@ -74,6 +75,7 @@ class SimTeacher:
         )
         self._serial = 0
         self.in_flight = 0  # model requests received and not yet answered (not part of reset())
+        self.batch_api = SimBatches(self)  # the OpenAI and Anthropic batch endpoints (batches.py)
         self.reset()
 
     def reset(self) -> None:
@@ -96,6 +98,7 @@ class SimTeacher:
             "billed_output_tokens": self.billed_output_tokens,
             "status_counts": dict(self.status_counts),
             "billed_by_key": dict(self.billed_by_key),
+            "batches": self.batch_api.stats(),
         }
 
     def app(self) -> web.Application:
@@ -106,6 +109,7 @@ class SimTeacher:
         app.router.add_get("/_stats", self._stats)
         app.router.add_post("/_script", self._script_endpoint)
         app.router.add_post("/_reset", self._reset)
+        self.batch_api.routes(app)
         return app
 
     async def start(self) -> str:
@@ -119,6 +123,7 @@ class SimTeacher:
         return self.base_url
 
     async def stop(self) -> None:
+        await self.batch_api.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -226,12 +231,9 @@ class SimTeacher:
             delay = mean
         await asyncio.sleep(delay)
 
-    async def _reply(self, request: web.Request, req: ModelRequest, fault: Fault | None,
-                     headers: dict[str, str]) -> web.StreamResponse:
-        kind = fault.kind if fault else None
-        if kind == "html":
-            self.status_counts["200"] += 1
-            return web.Response(body=HTML_PAGE, headers=headers, content_type="text/html")
+    async def generate(self, req: ModelRequest) -> tuple[Generation, random.Random]:
+        """What the model says to one request (the rule-based world, or the plugged-in responder), and
+        the RNG its synthetic logprobs draw from. The responder's BadRequest propagates (a 400)."""
         if req.temperature == 0:
             rng, phrasing = random.Random(int(req.key[:16], 16) ^ self.seed), None
         else:
@@ -240,12 +242,43 @@ class SimTeacher:
             answer = roles.reply(req.system, req.user, json_mode=req.json_mode, rng=rng, phrasing=phrasing,
                                  error_rate=self.settings.error_rate, prose_rate=self.settings.referee_prose_rate,
                                  output_faults=self.settings)
-            generation = Generation(*roles.truncate(answer.text, req.max_tokens))
-        else:
-            try:
-                generation = await self.responder(req)
-            except BadRequest as err:
-                return self._error(request, req.api, 400, headers, message=str(err))
+            return Generation(*roles.truncate(answer.text, req.max_tokens)), rng
+        return await self.responder(req), rng
+
+    async def answer_body(self, api: str, body: Any, key: str) -> tuple[int, dict[str, Any]]:
+        """One model request without HTTP (a batch's): (200, reply body), billed, or (400, error body).
+        `key` names it in the ledger (a batch request's custom_id)."""
+        try:
+            req = parse_request(api, body)
+            generation, rng = await self.generate(req)
+        except BadRequest as err:
+            return 400, error_body(api, 400, str(err))
+        req.key = key
+        if generation.prompt_tokens is not None:
+            req.prompt_tokens = generation.prompt_tokens
+        output_tokens = roles.count_tokens(generation.text) if generation.tokens is None else len(generation.tokens)
+        self._serial += 1
+        reply = response_body(req, generation.text, generation.cut, output_tokens, rng, None, self._serial,
+                              tokens=generation.tokens)
+        self.bill(req, output_tokens)
+        return 200, reply
+
+    def bill(self, req: ModelRequest, output_tokens: int) -> None:
+        self.billed_requests += 1
+        self.billed_input_tokens += req.prompt_tokens
+        self.billed_output_tokens += output_tokens
+        self.billed_by_key[req.key] += 1
+
+    async def _reply(self, request: web.Request, req: ModelRequest, fault: Fault | None,
+                     headers: dict[str, str]) -> web.StreamResponse:
+        kind = fault.kind if fault else None
+        if kind == "html":
+            self.status_counts["200"] += 1
+            return web.Response(body=HTML_PAGE, headers=headers, content_type="text/html")
+        try:
+            generation, rng = await self.generate(req)
+        except BadRequest as err:
+            return self._error(request, req.api, 400, headers, message=str(err))
         if kind == "length" and not generation.cut:
             generation = _cut_in_half(generation)
         text, cut, tokens = generation.text, generation.cut, generation.tokens
@@ -259,10 +292,7 @@ class SimTeacher:
         body = response_body(req, text, cut, output_tokens, rng, kind, self._serial, tokens=tokens)
         if kind == "slow":
             await asyncio.sleep(fault.seconds if fault and fault.seconds else self.settings.slow_read_s)
-        self.billed_requests += 1
-        self.billed_input_tokens += req.prompt_tokens
-        self.billed_output_tokens += output_tokens
-        self.billed_by_key[req.key] += 1
+        self.bill(req, output_tokens)
         self.status_counts["200"] += 1
         payload = dumps(body)
         if kind == "truncated":
