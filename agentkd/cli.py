@@ -1,6 +1,6 @@
 """The `agentkd` command. Exit codes: 0 done; 2 bad config or input; 3 budget exhausted (resumable);
-4 provider refused (auth, quota); 5 a role's replies unusable (fail_fast; resumable); 130 interrupted
-(resumable)."""
+4 provider refused (auth, quota); 5 a role's replies unusable (fail_fast; resumable); 6 batches submitted,
+results pending (batch.wait = false: the same command collects them); 130 interrupted (resumable)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agentkd.batches import BatchesPending
 from agentkd.budget import BudgetExhausted
 from agentkd import watch
 from agentkd.config import ConfigError, load_config
@@ -25,6 +26,7 @@ from agentkd.terminal import labelled, plain_console
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 EXIT_UNUSABLE = 5  # a role's replies were unusable past fail_fast.max_share
+EXIT_BATCHES_PENDING = 6  # batch.wait = false: every batch submitted, its results not yet collected
 ROLES = ("answerer", "explainer", "referee", "generator")
 GENERATOR_MODES = ("hard", "easy", "plain")  # Lion's two prompts, and the random-expansion baseline's
 
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         console.print(labelled("store error:", "red", f"{err}; no further paid calls were sent"))
         return EXIT_BAD_INPUT
+    except BatchesPending as err:
+        console.print(labelled("waiting for batches:", "yellow", f"{err}; everything answered so far is stored"))
+        return EXIT_BATCHES_PENDING
     except KeyboardInterrupt:
         console.print("interrupted: everything answered so far is stored; re-run the same command to resume")
         return EXIT_INTERRUPTED

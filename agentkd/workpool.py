@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentkd.batches.runner import BatchesPending
+from agentkd.batches import BatchesPending
 from agentkd.budget import BudgetExhausted
 from agentkd.gateway import CallFailed, Gateway, SendingStopped
 from agentkd.ledger import spend_text

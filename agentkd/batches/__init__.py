@@ -8,6 +8,11 @@ from collections.abc import Callable
 from agentkd.config import RunConfig, resolve_api_key
 
 
+class BatchesPending(Exception):
+    """batch.wait = false: every batch is submitted; the run exits (code 5) and the same command, run
+    again, collects the results. Nothing is lost or bought twice meanwhile."""
+
+
 def batch_runner(config: RunConfig, gateway, sim_base_url: str | None, say: Callable[[str], None] | None):
     """The session's batch runner: one batch adapter per provider in use; keys read here, as for online."""
     from agentkd.batches.providers import batch_api

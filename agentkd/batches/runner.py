@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from agentkd.batches import BatchesPending
 from agentkd.batches.providers import BatchAPI, BatchState, Outcome
 from agentkd.batches.records import OpenBatch, QueuedRequest, open_batches
 from agentkd.budget import BudgetExhausted, Reservation, Usage
@@ -46,10 +47,6 @@ SUBMIT_ATTEMPTS = 6
 # Test hook (like store.py's): SIGKILL this process right after the named step of a batch is durable:
 # "prepared", "uploaded" (OpenAI: between the upload and the create), "submitted".
 _KILL_AT = os.environ.get("AGENTKD_TEST_KILL_AT") or ""
-
-
-class BatchesPending(Exception):
-    """batch.wait = false: every batch is submitted; the run exits and a re-run collects the results."""
 
 
 @dataclass
