@@ -165,8 +165,9 @@ class Budget:
         self.held_tokens -= reservation.tokens
         self.held_calls -= 1
 
-    def reserve(self, key: str, model: str, input_tokens: int, max_tokens: int) -> Reservation:
-        usd, tokens = self.worst_case(model, input_tokens, max_tokens)
+    def reserve(self, key: str, model: str, input_tokens: int, max_tokens: int, *,
+                cache_writes: bool = False) -> Reservation:
+        usd, tokens = self.worst_case(model, input_tokens, max_tokens, cache_writes=cache_writes)
         if not self.fits(usd, tokens):
             raise BudgetExhausted(
                 f"budget exhausted: spent ${self.settled_usd:.4f} and {self.settled_tokens:,} tokens, "

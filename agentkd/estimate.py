@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from agentkd.budget import Budget, Usage, cost_usd
+from agentkd.budget import Budget, Usage, cost_usd, worst_case_usd
 from agentkd.config import ConfigError, RoleOverride, RunConfig
 from agentkd.ledger import PriorSpend, prior_spend, spend_text
 from agentkd.roles.requests import RolePrompts
@@ -50,8 +50,9 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
     rows = read_role_rows(input_path, role, rationale_rate=rationale_rate)  # exactly what teach accepts
     stored, prior = _stored(config)
     calls = cached = input_tokens = max_output = 0
-    usd_low = usd_high = 0.0
+    costs = CostColumns()
     estimators = set()
+    cache_seen: set[tuple[str, str, str]] = set()  # prefixes a provider's cache would hold by now
     for row in rows:
         for request in requests_for(prompts, role, row, rationale_rate, mode):
             if request.key in stored:
@@ -62,17 +63,61 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
             calls += 1
             input_tokens += estimate_.tokens
             max_output += request.max_tokens
-            price = config.price(request.model)
-            usd_low += cost_usd(price, Usage(estimate_.tokens, 0))
-            usd_high += cost_usd(price, Usage(estimate_.tokens, request.max_tokens))
+            costs.add(config.price(request.model), request, estimate_.tokens, cache_seen)
+    worst = costs.batch_high if config.role(role).mode == "batch" else costs.online_high
     lines = [
         f"estimate for `agentkd teach --role {role}` over {len(rows)} rows of {input_path} (nothing sent):",
         f"  calls to send:        {calls:,}   (already stored, free: {cached:,})",
         f"  input tokens:         {input_tokens:,}   (estimator: {', '.join(sorted(estimators)) or '-'})",
         f"  output tokens:        at most {max_output:,}",
-        f"  USD:                  ${usd_low:.4f} (input) .. ${usd_high:.4f} (worst case, what the budget reserves)",
+        *costs.lines(config.role(role).mode),
     ]
-    return "\n".join([*lines, *_budget_lines(config, prior, usd_high)])
+    return "\n".join([*lines, *_budget_lines(config, prior, worst)])
+
+
+CACHE_MIN_TOKENS = 1024  # the shortest prefix OpenAI caches; Anthropic's minimum is 1,024-4,096 by model
+
+
+class CostColumns:
+    """USD of the same requests online, in batch mode, and with the system prompt read from the provider's
+    prefix cache after its first use (what teacher.prompt_cache buys; OpenAI caches by itself): input
+    only .. worst case each. A prefix counts as cached only from CACHE_MIN_TOKENS tokens."""
+
+    def __init__(self) -> None:
+        self.online_low = self.online_high = self.batch_low = self.batch_high = 0.0
+        self.cached_low = self.cached_high = self.cached_batch_low = 0.0
+
+    def add(self, price, request: TeacherRequest, tokens: int, seen: set[tuple[str, str, str]]) -> None:
+        self.online_low += cost_usd(price, Usage(tokens, 0))
+        self.online_high += worst_case_usd(price, tokens, request.max_tokens, cache_writes=request.prompt_cache)
+        self.batch_low += cost_usd(price, Usage(tokens, 0), batch=True)
+        self.batch_high += worst_case_usd(price, tokens, request.max_tokens, batch=True,
+                                          cache_writes=request.prompt_cache)
+        system = tuple(m for m in request.messages if m["role"] == "system")
+        prefix = estimate_prompt(system, request.provider).tokens if system else 0
+        read = written = 0
+        if prefix >= CACHE_MIN_TOKENS:
+            entry = (request.provider, request.model, system[0]["content"])
+            if entry in seen:
+                read = prefix
+            elif request.provider == "anthropic":
+                written = prefix
+            seen.add(entry)
+        self.cached_low += cost_usd(price, Usage(tokens, 0, read, written))
+        self.cached_high += cost_usd(price, Usage(tokens, request.max_tokens, read, written))
+        self.cached_batch_low += cost_usd(price, Usage(tokens, 0, read, written), batch=True)
+
+    def lines(self, mode: str) -> list[str]:
+        reserved = ", what the budget reserves"
+        return [
+            f"  USD online:           ${self.online_low:.4f} (input) .. ${self.online_high:.4f} (worst case"
+            f"{reserved if mode == 'online' else ''})",
+            f"  USD batch:            ${self.batch_low:.4f} .. ${self.batch_high:.4f}"
+            f"{' (' + reserved[2:] + ')' if mode == 'batch' else ''}",
+            f"  USD cached prefix:    ${self.cached_low:.4f} .. ${self.cached_high:.4f} online, from "
+            f"${self.cached_batch_low:.4f} in batch (system prompts of {CACHE_MIN_TOKENS:,}+ tokens read from "
+            f"the cache after their first call)",
+        ]
 
 
 def _budget_lines(config: RunConfig, prior: PriorSpend, worst_usd: float | None) -> list[str]:

@@ -261,7 +261,7 @@ class Gateway:
 
     async def _reserved_attempt(self, teacher: Teacher, request: TeacherRequest, key: str, estimate: int,
                                 attempt: int) -> tuple[TeacherReply, float]:
-        reservation = await self._reserve(key, request.model, estimate, request.max_tokens)
+        reservation = await self._reserve(key, request.model, estimate, request.max_tokens, request.prompt_cache)
         sent = False
         usage: Usage | None = None
         outcome = "release"
@@ -310,7 +310,8 @@ class Gateway:
             except StoreError:
                 pass  # the store's failure is raised before the next paid call
 
-    async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int) -> Reservation:
+    async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int,
+                       cache_writes: bool = False) -> Reservation:
         """Reserve the worst case; while other calls are in flight, wait for them to settle first.
 
         Reservations are worst cases (max_tokens) and usage is usually far lower, so "does not fit now"
@@ -319,7 +320,7 @@ class Gateway:
         """
         while True:
             try:
-                return self.budget.reserve(key, model, estimate, max_tokens)
+                return self.budget.reserve(key, model, estimate, max_tokens, cache_writes=cache_writes)
             except BudgetExhausted:
                 if self.budget.reserved_tokens <= 0:
                     raise

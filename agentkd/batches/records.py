@@ -29,6 +29,7 @@ class QueuedRequest:
     request_json: str
     settled: bool  # its settle row is durable (a crash came before its `done` row)
     stored: bool  # its answer is a calls row of this batch
+    prompt_cache: bool = False
 
     def request(self, mode: str = "batch") -> TeacherRequest:
         """The request rebuilt from its canonical JSON: the same key, so the same cache entry."""
@@ -38,6 +39,7 @@ class QueuedRequest:
             messages=tuple(data["messages"]), temperature=data["temperature"], max_tokens=data["max_tokens"],
             prompt_version=data["prompt_version"], top_logprobs=data["top_logprobs"],
             response_format=data["response_format"], sample=data["sample"], mode=mode,
+            prompt_cache=self.prompt_cache,
         )
 
 
@@ -60,6 +62,7 @@ def open_batches(store: Store) -> list[OpenBatch]:
     rows = store.query_dicts(
         """
         SELECT q.batch_id, q.custom_id, q.key, q.role, q.reserved_usd, q.reserved_tokens, q.request_json,
+               q.detail = 'prompt_cache' AS prompt_cache,
                EXISTS (SELECT 1 FROM reservations r WHERE r.reservation_id = q.custom_id AND r.event = 'settle')
                    AS settled,
                EXISTS (SELECT 1 FROM calls c WHERE c.key = q.key AND c.batch_id = q.batch_id AND c.status = 'ok')
@@ -77,7 +80,7 @@ def open_batches(store: Store) -> list[OpenBatch]:
             batch = batches[row["batch_id"]] = _batch(store, row["batch_id"], json.loads(row["request_json"]))
         batch.requests.append(QueuedRequest(row["custom_id"], row["key"], row["role"], row["reserved_usd"],
                                             row["reserved_tokens"], row["request_json"], row["settled"],
-                                            row["stored"]))
+                                            row["stored"], bool(row["prompt_cache"])))
     return list(batches.values())
 
 

@@ -189,7 +189,8 @@ class BatchRunner:
                     chunk, size = self._new_chunk(provider, model), 0
                     custom_id = f"{chunk.batch_id}-{0:06d}"
                 reservation = self.gateway.budget.hold(item.request.key, model, item.estimate.tokens,
-                                                       item.request.max_tokens, reservation_id=custom_id)
+                                                       item.request.max_tokens, reservation_id=custom_id,
+                                                       cache_writes=item.request.prompt_cache)
                 if reservation is None:
                     self._blocked.append(item)
                     continue
@@ -260,7 +261,8 @@ class BatchRunner:
             {"batch_id": chunk.batch_id, "custom_id": item.custom_id, "key": item.request.key, "event": "queued",
              "role": item.request.role, "reserved_usd": item.reservation.usd if item.reservation else 0.0,
              "reserved_tokens": item.reservation.tokens if item.reservation else 0,
-             "request_json": item.request.canonical_json} for item in chunk.items])
+             "request_json": item.request.canonical_json,
+             "detail": "prompt_cache" if item.request.prompt_cache else None} for item in chunk.items])
         await self._event(chunk, "prepared", requests=len(chunk.items))
         chunk.prepared_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         _test_kill("prepared")

@@ -60,6 +60,7 @@ class RolePrompts:
             messages=tuple(template.render(values)), temperature=settings.temperature,
             max_tokens=settings.max_tokens, prompt_version=f"{prompt}:{template.version}",
             top_logprobs=top_logprobs, response_format=response_format, sample=sample, mode=settings.mode,
+            prompt_cache=self._config.teacher.prompt_cache,
         )
 
     def answer(self, instruction: str, *, tag: str | None = None) -> TeacherRequest:

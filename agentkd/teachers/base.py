@@ -45,6 +45,7 @@ class TeacherRequest:
     # How it is bought, not what it asks: outside canonical(), so an answer bought online serves a batch
     # request for the same prompt and the other way round.
     mode: str = "online"  # "online" | "batch"
+    prompt_cache: bool = False  # ask the provider to cache the fixed prefix (the system prompt)
 
     def canonical(self) -> dict[str, Any]:
         """What identifies the request: never the API key or the base URL."""

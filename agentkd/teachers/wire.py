@@ -124,6 +124,10 @@ def openai_body(request: TeacherRequest, provider: str) -> dict[str, Any]:
         body["top_logprobs"] = request.top_logprobs
     if request.response_format is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": request.response_format}
+    if request.prompt_cache and provider in ("openai", "sim"):
+        # OpenAI caches prefixes of >= 1,024 tokens by itself; the key routes one template's requests
+        # (whose system prompt and instructions come first) to the same cache.
+        body["prompt_cache_key"] = f"agentkd-{request.prompt_version}"[:64]
     return body
 
 
@@ -135,7 +139,11 @@ def anthropic_body(request: TeacherRequest) -> dict[str, Any]:
         "messages": [dict(m) for m in request.messages if m["role"] != "system"],
         "temperature": request.temperature,
     }
-    if system:
+    if system and request.prompt_cache:
+        # One breakpoint (of Anthropic's four) after the system prompt, the part every role prompt keeps
+        # fixed; below the model's minimum length nothing is cached and nothing extra is billed.
+        body["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+    elif system:
         body["system"] = system
     return body
 

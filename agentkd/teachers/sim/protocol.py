@@ -44,6 +44,9 @@ class ModelRequest:
     json_mode: bool
     top_logprobs: int | None  # None: no logprobs asked
     key: str
+    cache_marked: bool = False  # Anthropic: the system prompt carries cache_control
+    cached_tokens: int = 0  # prompt-cache reads and writes of this request (the server's prompt cache)
+    cache_write_tokens: int = 0
 
 
 class BadRequest(Exception):
@@ -92,8 +95,10 @@ def parse_request(api: str, body: Any) -> ModelRequest:
     fmt = body.get("response_format")
     json_mode = isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
     prompt_tokens = roles.count_tokens(system) + sum(roles.count_tokens(t) + 3 for t in texts) + 3
+    marked = api == "anthropic" and isinstance(body.get("system"), list) and any(
+        isinstance(b, dict) and isinstance(b.get("cache_control"), dict) for b in body["system"])
     return ModelRequest(api, model, system, users[-1], prompt_tokens, max_tokens, float(temperature),
-                        json_mode, top, request_key(body))
+                        json_mode, top, request_key(body), cache_marked=marked)
 
 
 def response_body(req: ModelRequest, text: str, cut: bool, output_tokens: int, rng: random.Random,
@@ -105,8 +110,9 @@ def response_body(req: ModelRequest, text: str, cut: bool, output_tokens: int, r
             "id": f"msg_sim{serial:012d}", "type": "message", "role": "assistant",
             "content": [] if kind == "no_choices" else [{"type": "text", "text": text}],
             "model": req.model, "stop_reason": "max_tokens" if cut else "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": req.prompt_tokens, "output_tokens": output_tokens,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            "usage": {"input_tokens": req.prompt_tokens - req.cached_tokens - req.cache_write_tokens,
+                      "output_tokens": output_tokens, "cache_creation_input_tokens": req.cache_write_tokens,
+                      "cache_read_input_tokens": req.cached_tokens},
         }
     else:
         choice = {
@@ -122,7 +128,7 @@ def response_body(req: ModelRequest, text: str, cut: bool, output_tokens: int, r
             "model": req.model, "system_fingerprint": "fp_sim", "choices": [] if kind == "no_choices" else [choice],
             "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": output_tokens,
                       "total_tokens": req.prompt_tokens + output_tokens,
-                      "prompt_tokens_details": {"cached_tokens": 0}},
+                      "prompt_tokens_details": {"cached_tokens": req.cached_tokens}},
         }
     if kind == "no_usage":
         del body["usage"]

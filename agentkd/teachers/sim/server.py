@@ -41,6 +41,9 @@ from agentkd.teachers.sim.protocol import (
 from agentkd.teachers.sim.ratelimit import RateLimiter, retry_after_headers
 
 
+CACHE_MIN_TOKENS = 1024  # OpenAI's floor; Anthropic's is 1,024-4,096 by model (the sim uses one)
+
+
 @dataclass(frozen=True)
 class Generation:
     """A responder's reply. `tokens` (model responders): one OpenAI logprobs content item per output
@@ -76,11 +79,13 @@ class SimTeacher:
         self._serial = 0
         self.in_flight = 0  # model requests received and not yet answered (not part of reset())
         self.batch_api = SimBatches(self)  # the OpenAI and Anthropic batch endpoints (batches.py)
+        self._prompt_cache: set[str] = set()  # system prompts seen (prompt_cache())
         self.reset()
 
     def reset(self) -> None:
         """Clear the ledger and the fault script."""
         self.requests = self.billed_requests = self.billed_input_tokens = self.billed_output_tokens = 0
+        self.cache_read_tokens = self.cache_write_tokens = 0
         self.status_counts: Counter[str] = Counter()
         self.billed_by_key: Counter[str] = Counter()
         self._script.clear()
@@ -96,6 +101,8 @@ class SimTeacher:
             "billed_requests": self.billed_requests,
             "billed_input_tokens": self.billed_input_tokens,
             "billed_output_tokens": self.billed_output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
             "status_counts": dict(self.status_counts),
             "billed_by_key": dict(self.billed_by_key),
             "batches": self.batch_api.stats(),
@@ -258,10 +265,30 @@ class SimTeacher:
             req.prompt_tokens = generation.prompt_tokens
         output_tokens = roles.count_tokens(generation.text) if generation.tokens is None else len(generation.tokens)
         self._serial += 1
+        self.prompt_cache(req)
         reply = response_body(req, generation.text, generation.cut, output_tokens, rng, None, self._serial,
                               tokens=generation.tokens)
         self.bill(req, output_tokens)
         return 200, reply
+
+    def prompt_cache(self, req: ModelRequest) -> None:
+        """The providers' prefix caches, on the system prompt: at least CACHE_MIN_TOKENS of it, seen before.
+        OpenAI caches by itself and reports reads in 128-token steps; Anthropic caches only a prefix
+        marked with cache_control, reporting the first request's prefix as written, later ones as read."""
+        prefix = roles.count_tokens(req.system) if req.system else 0
+        if prefix < CACHE_MIN_TOKENS or (req.api == "anthropic" and not req.cache_marked):
+            return
+        entry = f"{req.api}:{req.model}:{req.system}"
+        seen = entry in self._prompt_cache
+        self._prompt_cache.add(entry)
+        if req.api == "openai":
+            req.cached_tokens = prefix // 128 * 128 if seen else 0
+        elif seen:
+            req.cached_tokens = prefix
+        else:
+            req.cache_write_tokens = prefix
+        self.cache_read_tokens += req.cached_tokens
+        self.cache_write_tokens += req.cache_write_tokens
 
     def bill(self, req: ModelRequest, output_tokens: int) -> None:
         self.billed_requests += 1
@@ -289,6 +316,7 @@ class SimTeacher:
         if generation.prompt_tokens is not None:
             req.prompt_tokens = generation.prompt_tokens
         self._serial += 1
+        self.prompt_cache(req)
         body = response_body(req, text, cut, output_tokens, rng, kind, self._serial, tokens=tokens)
         if kind == "slow":
             await asyncio.sleep(fault.seconds if fault and fault.seconds else self.settings.slow_read_s)
