@@ -118,6 +118,10 @@ class TeacherSection(Section):
     mode: Literal["online", "batch"] = Field(
         "online", description="online: one HTTP call per request; batch: the provider's batch API (50% price, hours)."
     )
+    tokenizer_hash: str | None = Field(
+        None, description="The teacher's tokenizer, when known (e.g. a local model's vocab hash): recorded with "
+        "its logprobs, so training can tell whether they fit the student.",
+    )
     prompt_cache: bool = Field(
         False, description="Ask for prompt-prefix caching: OpenAI prompt_cache_key (one per prompt template), "
         "Anthropic cache_control on the system prompt (the fixed part every role prompt puts first).",

@@ -25,6 +25,7 @@ from agentkd.budget import Budget, BudgetExhausted, Reservation, Usage
 from agentkd.config import LimitsSection
 from agentkd.ledger import PriorSpend, SpendCover, prior_spend
 from agentkd.limiter import Limiter
+from agentkd.logprob_record import record_columns
 from agentkd.retry import Deferred, retrying
 from agentkd.store import Store, StoreError
 from agentkd.teachers.base import RateLimited, Teacher, TeacherError, TeacherReply, TeacherRequest
@@ -109,6 +110,7 @@ class Gateway:
         # Batch mode (batches/runner.py), set by the session: requests whose mode is "batch", and any
         # whose key is in a batch an earlier session left open, are answered by a provider batch.
         self.batches: Any = None
+        self.tokenizer_hash: str | None = None  # the teacher's tokenizer, when the config names it (logprob record)
 
     @property
     def session(self) -> str:
@@ -352,6 +354,8 @@ class Gateway:
                        cache_write_tokens=reply.cache_write_tokens,
                        request_id=reply.request_id,
                        logprobs_json=json.dumps(reply.logprobs) if reply.logprobs is not None else None)
+            if reply.logprobs is not None:
+                row.update(record_columns(request.temperature, reply.logprobs, self.tokenizer_hash))
         if error is not None:
             detail = str(error) if error.snippet is None else f"{error}; body: {error.snippet[:300]}"
             row.update(status="error", error_class=error.error_class, error_detail=detail, cost_usd=0.0)

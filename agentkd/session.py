@@ -64,6 +64,7 @@ async def teacher_session(config: RunConfig, console: Console | None = None, *, 
                               seed=config.run.seed)
             say = (lambda line: console.print(line, highlight=False)) if console is not None else None
             gateway.batches = batch_runner(config, gateway, sim_url, say)
+            gateway.tokenizer_hash = config.teacher.tokenizer_hash
             await gateway.start()
             gateway.reply_check = ReplyCheck(config.fail_fast, model_of=lambda r: config.role(r).model)
             note = resume_note(gateway.prior)

@@ -9,6 +9,7 @@ store, a launched job's rows.jsonl (launch.py), or nowhere (every process but th
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from agentkd.launch import (Discard, JobRows, Stage, TrainPlan, job_rows, prepar
 from agentkd.optimise import make_accelerator
 from agentkd.store import Store, StoreLockedError
 from agentkd.proxy import MARKER as PROXY_MARKER
+from agentkd.logprob_record import evidence_fit
 from agentkd.proxy import (build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy,
                            vocab_hash)
 from agentkd.students import Student, build_student, load_checkpoint, load_spec
@@ -169,6 +171,10 @@ def train_iteration(config: RunConfig, store: RowSink, student: Student, example
     cfg = config.train if objective is None else config.train.model_copy(update={"objective": objective})
     _set_threads(config)
     proxy = proxy_stage(config, store, student, examples, iteration, progress=progress) if needs_proxy(config, cfg.objective) else None
+    if cfg.objective == "posterior_kd" and isinstance(store, Store):  # reads provider logprobs; a job has no store
+        fit = evidence_fit(store, vocab_hash(student.tokenizer))
+        if fit is not None:
+            print(fit, file=sys.stderr, flush=True)
 
     def log_metric(name: str, value: float, step: int) -> None:
         store.append_now("metrics", [{"iteration": iteration, "name": name, "value": value, "step": step}])

@@ -14,6 +14,7 @@ no metadata, and gives results only once the whole batch has ended.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class BatchAPI(Protocol):
     def entry(self, custom_id: str, request: TeacherRequest) -> bytes: ...
     async def upload(self, batch_id: str, entries: list[bytes]) -> str | None: ...
     async def create(self, batch_id: str, file_id: str | None, entries: list[bytes]) -> str: ...
-    async def find(self, batch_id: str, requests: int, since: dt.datetime) -> str | None: ...
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None: ...
     async def state(self, provider_batch_id: str) -> BatchState: ...
     async def results(self, provider_batch_id: str) -> list[Outcome]: ...
     async def aclose(self) -> None: ...
@@ -106,7 +107,7 @@ class OpenAIBatches:
                                                       metadata={METADATA_KEY: batch_id}, timeout=TIMEOUT_S)
         return batch.id
 
-    async def find(self, batch_id: str, requests: int, since: dt.datetime) -> str | None:
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None:
         """The batch whose metadata carries this agentkd id (newest first, back to `since`)."""
         oldest = since.replace(tzinfo=dt.UTC).timestamp() - FIND_SKEW_S
         with key_redacted(self._api_key), _mapped_errors(openai, TIMEOUT_S):
@@ -169,8 +170,9 @@ def _openai_outcome(line: str) -> Outcome | None:
 class AnthropicBatches:
     limits = Limits(requests=100_000, bytes=256 * 1024 * 1024)
 
-    def __init__(self, *, base_url: str, api_key: str | None) -> None:
+    def __init__(self, *, base_url: str, api_key: str | None, find_poll_s: float = 5.0) -> None:
         self.provider = "anthropic"
+        self.find_poll_s = find_poll_s  # while a candidate batch of find() is still running
         self._client = anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key or "unused", max_retries=0)
         self._api_key = api_key
 
@@ -187,31 +189,37 @@ class AnthropicBatches:
             batch = await self._client.messages.batches.create(requests=requests, timeout=TIMEOUT_S)
         return batch.id
 
-    async def find(self, batch_id: str, requests: int, since: dt.datetime) -> str | None:
-        """Anthropic batches carry no metadata: the candidate is a batch created since the `prepared` row
-        with as many requests; if it has ended, its results must hold our custom_ids (which start with
-        the agentkd id). An unfinished candidate is taken as ours and checked when its results come."""
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None:
+        """Anthropic batches carry no metadata: a candidate is a batch created since the `prepared` row with
+        as many requests, not claimed by another agentkd batch, and it is ours only if its results carry
+        our custom_ids (which start with the agentkd id). Results exist once a batch has ended, so while
+        a candidate is still running this waits for it: its results are what the caller waits for anyway."""
         oldest = since.replace(tzinfo=dt.UTC) - dt.timedelta(seconds=FIND_SKEW_S)
-        candidates = []
-        with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
-            seen = 0
-            async for batch in self._client.messages.batches.list(limit=100, timeout=TIMEOUT_S):
-                created = batch.created_at if batch.created_at.tzinfo else batch.created_at.replace(tzinfo=dt.UTC)
-                if created < oldest or seen >= LIST_PAGES * 100:
-                    break
-                seen += 1
-                counts = batch.request_counts
-                total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
-                if total == requests:
-                    candidates.append(batch)
-            for batch in candidates:
-                if batch.processing_status != "ended":
-                    return batch.id
-                async for item in await self._client.messages.batches.results(batch.id, timeout=TIMEOUT_S):
-                    if item.custom_id.startswith(batch_id + "-"):
-                        return batch.id
-                    break
-        return None
+        while True:
+            candidates = []
+            with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
+                seen = 0
+                async for batch in self._client.messages.batches.list(limit=100, timeout=TIMEOUT_S):
+                    created = batch.created_at if batch.created_at.tzinfo else batch.created_at.replace(tzinfo=dt.UTC)
+                    if created < oldest or seen >= LIST_PAGES * 100:
+                        break
+                    seen += 1
+                    counts = batch.request_counts
+                    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+                    if total == requests and batch.id not in exclude:
+                        candidates.append(batch)
+                running = False
+                for batch in candidates:
+                    if batch.processing_status != "ended":
+                        running = True
+                        continue
+                    async for item in await self._client.messages.batches.results(batch.id, timeout=TIMEOUT_S):
+                        if item.custom_id.startswith(batch_id + "-"):
+                            return batch.id
+                        break
+            if not running:
+                return None
+            await asyncio.sleep(self.find_poll_s)
 
     async def state(self, provider_batch_id: str) -> BatchState:
         with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
@@ -256,8 +264,8 @@ def _parsed(custom_id: str, parse) -> Outcome:
         return Outcome(custom_id, error=err, retry=False)
 
 
-def batch_api(provider: str, base_url: str, api_key: str | None) -> BatchAPI:
+def batch_api(provider: str, base_url: str, api_key: str | None, poll_s: float = 5.0) -> BatchAPI:
     """The batch adapter for a provider; the sim and OpenAI-compatible servers speak OpenAI's."""
     if provider == "anthropic":
-        return AnthropicBatches(base_url=base_url, api_key=api_key)
+        return AnthropicBatches(base_url=base_url, api_key=api_key, find_poll_s=poll_s)
     return OpenAIBatches(provider=provider, base_url=base_url, api_key=api_key)

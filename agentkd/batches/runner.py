@@ -271,7 +271,8 @@ class BatchRunner:
         """Create the batch once: after an ambiguous failure (or on resume) look for it first."""
         since = chunk.prepared_at or dt.datetime.now(dt.UTC).replace(tzinfo=None)
         if chunk.resumed:
-            chunk.provider_batch_id = await self._retrying(lambda: api.find(chunk.batch_id, len(entries), since))
+            chunk.provider_batch_id = await self._retrying(
+                lambda: api.find(chunk.batch_id, len(entries), since, self._claimed(chunk)))
             if chunk.provider_batch_id is not None:
                 await self._event(chunk, "submitted", provider_batch_id=chunk.provider_batch_id,
                                   detail="found at the provider after a restart")
@@ -290,7 +291,8 @@ class BatchRunner:
                     raise
                 if not isinstance(err, ConnectFailed):
                     # The create may have reached the provider: find it rather than create another.
-                    found = await self._retrying(lambda: api.find(chunk.batch_id, len(entries), since))
+                    found = await self._retrying(
+                        lambda: api.find(chunk.batch_id, len(entries), since, self._claimed(chunk)))
                     if found is not None:
                         chunk.provider_batch_id = found
                         break
@@ -299,6 +301,14 @@ class BatchRunner:
         self.say(f"batch {chunk.batch_id}: submitted to {chunk.provider} as {chunk.provider_batch_id} "
                  f"({len(chunk.items):,} requests)")
         _test_kill("submitted")
+
+    def _claimed(self, chunk: Chunk) -> set[str]:
+        """Provider batches other agentkd batches of this run are known to own."""
+        rows = self.gateway.store.query(
+            "SELECT DISTINCT provider_batch_id FROM batches WHERE provider_batch_id IS NOT NULL AND batch_id <> ?",
+            [chunk.batch_id])
+        return {r[0] for r in rows} | {c.provider_batch_id for c in self.chunks.values()
+                                       if c.provider_batch_id and c is not chunk}
 
     async def _poll(self, chunk: Chunk, api: BatchAPI) -> BatchState:
         wait = self.settings.poll_s
