@@ -246,3 +246,19 @@ def test_a_job_whose_worst_case_passes_the_cap_never_spends_past_it(tmp_path, pr
         assert len(stats["batches"]) == len({owner(b) for b in stats["batches"]}) > 1
     finally:
         store.close_sync()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_chunk_over_the_byte_limit_is_split(tmp_path, provider):
+    with sim_in_thread(SimSection(batch_time_scale=1e-4)) as sim:
+        config, data, out = write_run(tmp_path, provider, sim.base_url, rows=12, max_requests=100,
+                                      extra="max_bytes = 2000\n")
+        run_teach(config, data, out)
+        stats = sim.stats()
+    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+    try:
+        check_once(store, stats, 12)
+    finally:
+        store.close_sync()
+    assert len(stats["batches"]) >= 3  # ~650 bytes a request: 3 in each 2,000-byte batch
+    assert all(b["requests"] <= 4 for b in stats["batches"])

@@ -41,6 +41,7 @@ from agentkd.teachers.sim.protocol import (
 from agentkd.teachers.sim.ratelimit import RateLimiter, retry_after_headers
 
 
+BATCH_MAX_BYTES = 256 * 1024 * 1024
 CACHE_MIN_TOKENS = 1024  # OpenAI's floor; Anthropic's is 1,024-4,096 by model (the sim uses one)
 
 
@@ -109,7 +110,8 @@ class SimTeacher:
         }
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # Batch uploads and Anthropic batch bodies run to the providers' 200 / 256 MB (aiohttp's default: 1 MB).
+        app = web.Application(client_max_size=BATCH_MAX_BYTES)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_get("/v1/models", self._models)
