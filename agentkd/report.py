@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentkd.config import TaskSection
+from agentkd.config import ConfigError, RunConfig, TaskSection
 from agentkd.export import open_run_store
 from agentkd.proxy_check import weaker_than_student
 from agentkd.replies import parse_failures
@@ -42,6 +42,12 @@ SELECT role, count(*) AS calls, count(*) FILTER (WHERE status = 'ok') AS ok,
        coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(cost_usd), 0.0) AS usd
 FROM calls GROUP BY role ORDER BY role
 """
+# Prompt-cache tokens per model and mode (calls from before batch mode and cache writes have neither column).
+_CACHE_SQL = """
+SELECT model, coalesce(mode, 'online') AS mode, coalesce(sum(cached_tokens), 0) AS read,
+       coalesce(sum(cache_write_tokens), 0) AS written
+FROM calls WHERE coalesce(cached_tokens, 0) > 0 OR coalesce(cache_write_tokens, 0) > 0 GROUP BY ALL ORDER BY ALL
+"""
 # Distinct instruction ids per pool (an id's pool is its first row's).
 _POOLS_SQL = "SELECT pool, count(*) AS n FROM instruction_pool GROUP BY pool ORDER BY pool"
 
@@ -60,6 +66,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     proxy_stages: list[dict[str, Any]] = field(default_factory=list)
     parse_failures: list[dict[str, Any]] = field(default_factory=list)  # replies.parse_failures
+    cache: list[dict[str, Any]] = field(default_factory=list)  # prompt-cache tokens by model and mode
 
     @property
     def iterations(self) -> list[int]:
@@ -114,10 +121,13 @@ def _read(store: Store, run_dir: Path, config: dict[str, Any] | None) -> RunData
         "SELECT iteration, stage, steps, examples, loss, seconds, proxy_logp, student_logp FROM proxy_stages "
         "ORDER BY created_at") if has_proxy else []
     name = (config or {}).get("run", {}).get("name") or run_dir.resolve().name
+    has_cache = store.query("SELECT count(*) FROM information_schema.columns WHERE table_name = 'calls' "
+                            "AND column_name IN ('mode', 'cache_write_tokens')")[0][0] == 2
     return RunData(name=name, config=config, metrics=metrics, calls=store.query_dicts(_CALLS_SQL),
                    statuses=statuses, train_runs=train_runs,
                    pools={p or "?": n for p, n in store.query(_POOLS_SQL)}, proxy_stages=proxy_stages,
-                   parse_failures=parse_failures(store, _task(config)))
+                   parse_failures=parse_failures(store, _task(config)),
+                   cache=store.query_dicts(_CACHE_SQL) if has_cache else [])
 
 
 def _task(config: dict[str, Any] | None) -> TaskSection:
@@ -126,6 +136,25 @@ def _task(config: dict[str, Any] | None) -> TaskSection:
         return TaskSection.model_validate((config or {}).get("task") or {})
     except ValueError:
         return TaskSection()
+
+
+def cache_saving(run: RunData) -> tuple[int, int, float | None]:
+    """Prompt-cache tokens read and written over the run, and the USD the cache saved against the same
+    tokens at the plain input price (reads at their discount, writes at their premium, in batch mode after
+    the batch discount as billed). USD is None when the run's prices cannot be read from config.json."""
+    read, written = sum(c["read"] for c in run.cache), sum(c["written"] for c in run.cache)
+    try:
+        config = RunConfig.model_validate(run.config or {})
+        saved = 0.0
+        for c in run.cache:
+            price = config.price(c["model"])
+            cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
+            write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+            usd = (c["read"] * (price.input_per_mtok - cached_price) - c["written"] * (write_price - price.input_per_mtok))
+            saved += usd / 1e6 * ((1.0 - price.batch_discount) if c["mode"] == "batch" else 1.0)
+    except (ValueError, ConfigError):
+        return read, written, None
+    return read, written, saved
 
 
 def write_report(run_dir: Path) -> Path:
@@ -341,6 +370,10 @@ def _spend_section(run: RunData) -> list[str]:
                  f"{total['output_tokens']:,}", f"{total['cached_tokens']:,}", _usd(total["usd"])])
     out += _table(["role", "calls", "ok", "input tokens", "output tokens", "cached tokens", "USD"], rows)
     out += ["", "Call status: " + ", ".join(f"{s} {n:,}" for s, n in run.statuses.items()) + "."]
+    if run.cache:
+        read, written, saved = cache_saving(run)
+        worth = f": {_usd(saved)} saved against the plain input price" if saved is not None else ""
+        out += ["", f"Prompt cache: {read:,} input tokens read from it, {written:,} written to it{worth}."]
     if run.pools:
         out += ["", "Instruction pools now: " + ", ".join(f"{p} {n:,}" for p, n in run.pools.items()) + "."]
     return out + [""]

@@ -222,3 +222,19 @@ def test_report_warns_where_the_proxy_ends_an_iteration_below_the_student(tmp_pa
     assert "**Iteration 1:** the proxy predicts held-out teacher answers worse than the student" in text
     assert "(log p per token -1.500 < -1.000)" in text
     assert "**Iteration 2:**" not in text  # ahead of the student by its last stage
+
+
+def test_report_states_prompt_cache_tokens_and_the_usd_they_saved(tmp_path):
+    config = sim_config()
+    del config["roles"]  # the sim's built-in price, nothing else to price
+    run_dir = make_run(tmp_path / "demo", config=config)
+    store = Store(run_dir / "agentkd.duckdb")
+    store.append_now("calls", [  # sim prices: input $0.15, cached reads $0.075 per million; batch at half price
+        {"key": "c1", "role": "answerer", "provider": "sim", "model": "sim-teacher-1", "input_tokens": 12_000,
+         "output_tokens": 10, "cached_tokens": 10_000, "cost_usd": 0.001, "status": "ok", "mode": "online"},
+        {"key": "c2", "role": "answerer", "provider": "sim", "model": "sim-teacher-1", "input_tokens": 25_000,
+         "output_tokens": 10, "cached_tokens": 20_000, "cost_usd": 0.001, "status": "ok", "mode": "batch"}])
+    store.close_sync()
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    # 10,000 x $0.075/M online + 20,000 x $0.075/M x 0.5 in batch = $0.00075 + $0.00075
+    assert "Prompt cache: 30,000 input tokens read from it, 0 written to it: $0.0015 saved" in text
