@@ -106,3 +106,9 @@ def test_the_exhausted_message_says_what_was_spent_reserved_needed_and_the_caps(
     with pytest.raises(BudgetExhausted, match=r"\(caps: 100 tokens\)$"):
         budget(tokens=100).reserve("a", "m", 100, 10)
     assert budget()._caps() == "none"
+
+
+def test_a_settled_call_is_priced_at_its_own_model():
+    b = budget(usd=10.0)
+    r = b.reserve("k", "cached", 100, 10)
+    assert b.settle(r, Usage(100, 10, cached_tokens=40)) == (pytest.approx(0.084), 110)

@@ -328,3 +328,38 @@ async def test_a_failed_store_write_stops_paid_calls(tmp_path):
         await gateway.complete(request("third"))
     assert len(teacher.calls) == sent  # refused before sending
     await store.close()
+
+
+async def test_each_attempt_is_on_record_with_its_reservation_outcome_and_latency(tmp_path):
+    """The closing ledger row of every attempt: who, which attempt, what it reserved and was charged, the
+    HTTP status and error class, how long it took (on the injected clock) and the calls then in flight."""
+    clock = FakeClock()
+
+    class SlowTeacher(ScriptedTeacher):
+        async def complete(self, request, *, timeout_s):
+            clock.now += 2.5  # the provider takes 2.5 s of (injected) time
+            return await super().complete(request, timeout_s=timeout_s)
+
+    teacher = SlowTeacher([ServerError("HTTP 500", status=500)])
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0, clock=clock)
+    req = request()
+    result = await gateway.complete(req)
+    assert gateway.stats.sent == 2 and gateway.stats.ok == 1 and gateway.stats.failed == 0
+    await gateway.aclose()
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    worst, worst_tokens = gateway.budget.worst_case("m", *_estimate_and_max(req))
+    rows = store.query_dicts("SELECT reservation_id, key, event, usd, tokens, session, reserved_usd, reserved_tokens, "
+                             "attempt, status_code, error_class, latency_s, in_flight FROM reservations "
+                             "WHERE event IN ('settle', 'release') ORDER BY attempt")
+    session = gateway._session
+    assert rows == [
+        {"reservation_id": f"{session}-0", "key": req.key, "event": "release", "usd": 0.0, "tokens": 0,
+         "session": session, "reserved_usd": pytest.approx(worst), "reserved_tokens": worst_tokens, "attempt": 1,
+         "status_code": 500, "error_class": "ServerError", "latency_s": 2.5, "in_flight": 0},
+        {"reservation_id": f"{session}-1", "key": req.key, "event": "settle", "usd": pytest.approx(result.cost_usd),
+         "tokens": 30, "session": session, "reserved_usd": pytest.approx(worst), "reserved_tokens": worst_tokens,
+         "attempt": 2, "status_code": 200, "error_class": None, "latency_s": 2.5, "in_flight": 0},
+    ]
+    assert result.cost_usd == pytest.approx((20 * 1_000 + 10 * 2_000) / 1e6)
+    store.close_sync()

@@ -194,3 +194,167 @@ def test_sessions_of_older_files_count_as_they_did(tmp_path):
     assert spent_in_store(store) == (pytest.approx(1.6), 620)
     assert "calls in flight unknown" in prior.interruption()
     store.close_sync()
+
+
+def test_the_band_of_unused_room_per_dimension():
+    from agentkd.ledger import _band
+
+    # Capped: M = max(2 worst, 1% of the cap); high = M - worst, target = high / 2, low = high / 4.
+    assert _band(1.0, 0.1, 8) == pytest.approx((0.025, 0.05, 0.1))  # 2 worst cases rule
+    assert _band(100.0, 0.1, 8) == pytest.approx((0.225, 0.45, 0.9))  # 1% of the cap rules
+    # Uncapped: target = max_concurrency x worst, rewritten rarely.
+    assert _band(None, 0.1, 8) == pytest.approx((0.4, 0.8, 1.6))
+
+
+def test_interruption_and_spend_texts():
+    one = PriorSpend(settled_usd=0.25, unsettled_usd=0.05, interrupted=1, in_flight=1)
+    two = PriorSpend(settled_usd=0.25, unsettled_usd=0.05, interrupted=2, in_flight=3)
+    assert one.interruption() == "an interrupted session (1 call in flight)"
+    assert two.interruption() == "2 interrupted sessions (3 calls in flight)"
+    assert one.usd == pytest.approx(0.3) and PriorSpend(settled_tokens=5, unsettled_tokens=7).tokens == 12
+    assert resume_note(two) == ("resuming after 2 interrupted sessions (3 calls in flight): the run has settled "
+                                "$0.2500, and $0.0500 more may have been billed for the calls in flight; both "
+                                "count against the cap")
+    budget = Budget(usd=2.0, tokens=1_000_000, price_of=lambda model: PRICE)
+    budget.restore(usd=one.usd, tokens=1_234)
+    assert spend_text(budget, one) == ("$0.2500 settled + $0.0500 possibly billed by an interrupted session "
+                                       "(1 call in flight) of $2, 1,234 of 1,000,000 tokens")
+    assert spend_text(budget, one, short=True) == "$0.2500 +$0.0500 interrupted/$2"
+    uncapped = Budget(usd=None, tokens=None, price_of=lambda model: PRICE)
+    uncapped.restore(usd=0.25, tokens=0)
+    assert spend_text(uncapped, PriorSpend(settled_usd=0.25), short=True) == "$0.2500"
+    assert spend_text(uncapped, PriorSpend(settled_usd=0.25)) == "$0.2500"
+
+
+def worst_tokens(i: int = 0) -> int:
+    r = request(i)
+    return estimate_prompt(r.messages, r.provider).tokens + r.max_tokens
+
+
+async def test_a_token_cap_is_covered_like_a_usd_cap(tmp_path):
+    """The same bounds in tokens, with USD uncapped: its level follows max_concurrency x worst instead."""
+    worst = worst_tokens()
+    cap = 400 * worst  # 1% of the cap (4 worst cases) rules the margin
+    teacher = HeldTeacher()
+    gateway, store = await make_gateway(tmp_path, teacher, tokens=cap, max_concurrency=16)
+    requests = [request(i) for i in range(12)]
+    tasks = [asyncio.create_task(gateway.complete(r)) for r in requests]
+    await teacher.wait_started(12)
+    await barrier(store)
+    margin = max(2 * worst, cap // 100)
+    crashed = prior_spend(store)
+    assert crashed.interrupted == 1 and crashed.in_flight == 12
+    assert 12 * worst <= crashed.unsettled_tokens <= 12 * worst + margin
+    # USD has no cap: its level is the exposure plus max_concurrency worst cases, at most twice that.
+    level_usd = store.query("SELECT arg_max(usd, created_at) FROM reservations WHERE event = 'cover'")[0][0]
+    assert 12 * worst_case() <= level_usd <= 12 * worst_case() + 2 * 16 * worst_case() + 1e-12
+    for r in requests[:10]:
+        teacher.answer(r)
+    await asyncio.gather(*tasks[:10])
+    await barrier(store)
+    crashed = prior_spend(store)
+    settled = store.query("SELECT sum(tokens) FROM reservations WHERE event = 'settle'")[0][0]
+    assert crashed.settled_tokens == settled == 10 * 5  # HeldTeacher's usage: 3 + 2 tokens a call
+    assert 2 * worst <= crashed.unsettled_tokens <= 2 * worst + margin
+    for r in requests[10:]:
+        teacher.answer(r)
+    await asyncio.gather(*tasks)
+    await gateway.aclose()
+    clean = prior_spend(store)
+    assert clean.interrupted == 0 and clean.unsettled_tokens == 0 and clean.settled_tokens == 12 * 5
+    levels = [row[0] for row in store.query("SELECT tokens FROM reservations WHERE event = 'cover'")]
+    assert max(levels) <= cap
+    await store.close()
+
+
+# ---- SpendCover on its own: a real Store, a Budget, reservations made and closed by hand ------------------
+def each_call(b: Budget, i: int):
+    """A call whose worst case is 6 prompt + 2 output tokens: $0.01, 8 tokens at PRICE."""
+    return b.reserve(f"k{i}", "m", 6, 2)
+
+
+def closing_row(r, event: str, usd: float = 0.0, tokens: int = 0) -> dict:
+    return {"reservation_id": r.id, "key": r.key, "event": event, "usd": usd, "tokens": tokens, "session": "s"}
+
+
+async def test_the_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_path):
+    """Cap $10, worst case $0.01: M = $0.1, so high = 0.09, target = 0.045, low = 0.0225 (tokens: uncapped,
+    max_concurrency 1000 x 8 tokens). Raised to exposure + target when less than `low` is left, lowered to
+    exposure + target when more than `high` is unused, nothing written in between."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=10.0, tokens=None, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=1000)
+    reservations, levels = [], []
+    for i in range(10):
+        r = each_call(b, i)
+        reservations.append(r)
+        await cover.cover(r.usd, r.tokens)
+        levels.append(cover.level)
+    usd_levels = [round(u, 9) for u, _ in levels]
+    assert usd_levels == [0.055] * 3 + [0.085] * 3 + [0.115] * 3 + [0.145]
+    assert [t for _, t in levels] == [8008] * 3 + [8032] * 3 + [8056] * 3 + [8080]
+    assert cover.writes == 4
+    lowered = []
+    for r in reservations:  # nothing was sent: each is released, and its row may carry a lower level
+        b.release(r)
+        cover.record(closing_row(r, "release"))
+        lowered.append(round(cover.level[0], 9))
+    assert lowered == [0.145] * 4 + [0.095] * 5 + [0.045] and cover.writes == 6
+    await cover.close()  # the last lowering is still on its way: close waits for it, then writes `close`
+    rows = store.query("SELECT event, usd, tokens, in_flight FROM reservations WHERE event IN ('cover', 'close') "
+                       "ORDER BY created_at")
+    assert [(e, round(u, 9)) for e, u, _, _ in rows] == [
+        ("cover", 0.055), ("cover", 0.085), ("cover", 0.115), ("cover", 0.145), ("cover", 0.095),
+        ("cover", 0.045), ("close", 0.0)]
+    assert rows[-1][2:] == (0, 0)
+    assert store.query("SELECT reservation_id FROM reservations WHERE event = 'close'") == [("s-close",)]
+    await store.close()
+
+
+async def test_close_writes_nothing_while_a_call_is_in_flight_or_when_nothing_was_covered(tmp_path):
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=10.0, tokens=None, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    await cover.close()
+    assert store.count("reservations") == 0  # a session that covered nothing leaves no rows
+    r = each_call(b, 0)
+    await cover.cover(r.usd, r.tokens)
+    await cover.close()  # one call in flight: not a clean end, so no close row
+    assert store.query("SELECT count(*) FROM reservations WHERE event = 'close'") == [(0,)]
+    b.settle(r, None)
+    cover.record(closing_row(r, "settle", r.usd, r.tokens))
+    await cover.close()
+    assert store.query("SELECT usd, tokens, in_flight FROM reservations WHERE event = 'close'") == [
+        (pytest.approx(0.01), 8, 0)]
+    await store.close()
+
+
+async def test_a_resumed_session_covers_only_its_own_spend_and_never_past_what_the_cap_leaves(tmp_path):
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=1.0, tokens=10_000, price_of=lambda model: PRICE)
+    b.restore(usd=0.5, tokens=5_000)  # earlier sessions: counted in the cap, not in this session's cover
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    r = each_call(b, 0)
+    await cover.cover(r.usd, r.tokens)
+    # USD: M = max(0.02, 0.01) -> target 0.005; tokens: M = max(16, 100) -> high 92, target 46.
+    assert cover.level == (pytest.approx(0.015), 8 + 46)
+    b.settle(r, None)
+    cover.record(closing_row(r, "settle", r.usd, r.tokens))
+    await cover.close()
+    # Near the cap the level stops at what the cap leaves this session, but never below its exposure.
+    b = Budget(usd=1.0, tokens=10_000, price_of=lambda model: PRICE)
+    b.restore(usd=0.988, tokens=9_950)
+    cover = SpendCover(store, b, session="t", max_concurrency=4)
+    r = each_call(b, 1)
+    await cover.cover(r.usd, r.tokens)
+    assert cover.level == (pytest.approx(0.012), 50)
+    await store.close()

@@ -97,7 +97,7 @@ def test_reset_durations(value, expected):
     ({"retry-after": "86400"}, 86400.0), ({"retry-after": "86400.5"}, None),  # a day at most
     ({"retry-after-ms": "0"}, 0.0), ({"retry-after-ms": "-1", "retry-after": "4"}, 4.0),
     ({"retry-after": "junk", "x-ratelimit-reset-requests": "2s"}, 2.0),
-    ({"x-ratelimit-reset-tokens": "junk"}, None),
+    ({"x-ratelimit-reset-tokens": "junk"}, None), ({"x-ratelimit-reset-tokens": "3s"}, 3.0),
 ])
 def test_retry_after_bounds_and_fallbacks(headers, expected):
     assert retry_after_seconds(headers) == expected

@@ -222,3 +222,44 @@ def test_acknowledged_rows_survive_kill_9(tmp_path):
     store.close_sync()
     missing = [f"k{i}-{j}" for i in range(acked + 1) for j in range(50) if f"k{i}-{j}" not in keys]
     assert missing == []
+
+
+async def test_the_writer_commits_what_is_queued_in_batches_of_at_most_2000_rows(tmp_path):
+    from agentkd import store as store_module
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    batches: list[int] = []
+    store.before_commit.append(lambda: batches.append(store.count("calls")))
+    # Five submissions of 1,000 queued before the writer wakes: 2,000 + 2,000 + 1,000, in order.
+    futures = [store.submit("calls", [{"key": f"k{i}-{j}"} for j in range(1_000)]) for i in range(5)]
+    await futures[-1]
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert store_module._FLUSH_BATCH == 2_000 and batches == [0, 2_000, 4_000]
+    assert store.count("calls") == 5_000
+    await store.close()
+
+
+async def test_a_clean_close_stops_the_writer_and_checkpoints(tmp_path):
+    path = tmp_path / "run.duckdb"
+    store = Store(path)
+    await store.start()
+    await store.write("metrics", {"iteration": 0, "name": "m", "value": 1.0})
+    assert path.with_name(path.name + ".wal").exists()  # committed, not yet checkpointed
+    await store.close()
+    assert not path.with_name(path.name + ".wal").exists()
+    assert store._writer is None
+    store = Store(path, read_only=True)
+    assert store.count("metrics") == 1
+    with pytest.raises(StoreError, match="read-only"):
+        await store.start()
+    store.close_sync()
+
+
+def test_async_writes_before_start_are_a_clear_error(tmp_path):
+    store = Store(tmp_path / "run.duckdb")
+    with pytest.raises(RuntimeError, match=r"^Store\.start\(\) must run before async writes$"):
+        store.enqueue("metrics", [{"name": "m", "value": 1.0}])
+    with pytest.raises(RuntimeError, match=r"^Store\.start\(\) must run before async writes$"):
+        store.submit("metrics", [{"name": "m", "value": 1.0}])
+    store.close_sync()
