@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agentkd.budget import Budget
+from agentkd.budget import Budget, BudgetExhausted
 from agentkd.config import LimitsSection, PriceSection
 from agentkd.gateway import Gateway
 from agentkd.ledger import PriorSpend, prior_spend, resume_note, spend_text, spent_in_store
@@ -357,4 +357,83 @@ async def test_a_resumed_session_covers_only_its_own_spend_and_never_past_what_t
     r = each_call(b, 1)
     await cover.cover(r.usd, r.tokens)
     assert cover.level == (pytest.approx(0.012), 50)
+    await store.close()
+
+
+class CheckingTeacher(HeldTeacher):
+    """Answers at once, but first checks the crash promise at the moment the request goes on the wire:
+    what a resumed run would count if this process died now covers every call on the wire at its worst
+    case, plus what has settled; and again once everything queued meanwhile has committed."""
+
+    def __init__(self, store: Store, budget: Budget, worst: tuple[float, int]) -> None:
+        super().__init__()
+        self.store, self.budget, self.worst = store, budget, worst
+        self.on_wire = 0
+        self.checked = 0
+        self.shortfalls: list[tuple] = []
+
+    async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
+        self.on_wire += 1
+        try:
+            self.check()
+            # Everything queued so far commits (a lower level on its way, say) while this call is still
+            # on the wire; meanwhile other calls reserve, cover and settle.
+            await barrier(self.store)
+            self.check()
+            self.checked += 1
+            return TeacherReply(text="4", finish_reason="stop", input_tokens=3, output_tokens=2)
+        finally:
+            self.on_wire -= 1
+
+    def check(self) -> None:
+        crash = prior_spend(self.store)
+        need_usd = self.on_wire * self.worst[0] + crash.settled_usd
+        need_tokens = self.on_wire * self.worst[1] + crash.settled_tokens
+        if crash.usd + 1e-9 < need_usd or crash.tokens < need_tokens:
+            self.shortfalls.append((self.on_wire, crash, need_usd, need_tokens))
+
+
+@pytest.mark.parametrize("caps", [
+    {"usd": 3},  # in worst cases: tight, the level is rewritten about once per call and calls wait for commits
+    {"usd": 2},  # exactly two worst cases: at times the level equals the exposure
+    {"tokens": 3},
+    {"tokens": 2},
+    {"tokens": 100},  # far from the cap: tokens are covered by their own level, USD by its uncapped one
+    {"usd": 100, "tokens": 100},
+])
+async def test_every_request_on_the_wire_is_covered_by_what_a_crash_would_count(tmp_path, caps):
+    worst = (worst_case(), worst_tokens())
+    store = Store(tmp_path / "run.duckdb")
+    budget = Budget(usd=caps["usd"] * worst[0] if "usd" in caps else None,
+                    tokens=caps["tokens"] * worst[1] if "tokens" in caps else None, price_of=lambda model: PRICE)
+    teacher = CheckingTeacher(store, budget, worst)
+    gateway = Gateway(teachers={"sim": teacher}, store=store, budget=budget,
+                      limits=LimitsSection(max_concurrency=8, rpm=1_000_000), clock=FakeClock(),
+                      sleep=FakeClock().sleep)
+    await gateway.start()
+    results = await asyncio.gather(*(gateway.complete(request(i)) for i in range(10)), return_exceptions=True)
+    await gateway.aclose()
+    await store.close()
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert all(isinstance(r, BudgetExhausted) for r in results if isinstance(r, BaseException)), results
+    assert len(answered) >= 5 and teacher.checked == len(answered) and teacher.shortfalls == []
+
+
+async def test_the_band_follows_the_largest_worst_case_in_each_dimension(tmp_path):
+    """Caps $1 and 1,000 tokens (1% = $0.01, 10 tokens): M = max(2 worst, 1%) per dimension, from the
+    largest worst case seen in that dimension, even when another call was larger in the other one."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=1.0, tokens=1_000, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    levels = []
+    for prompt, max_tokens in [(6, 2), (10, 0), (2, 5)]:  # ($0.01, 8), ($0.01, 10), ($0.012, 7)
+        r = b.reserve(f"k{prompt}", "m", prompt, max_tokens)
+        await cover.cover(r.usd, r.tokens)
+        levels.append((round(cover.level[0], 9), cover.level[1]))
+    # 1st: targets $0.005 and 4 tokens. 2nd: the token worst case grows to 10 (target 5). 3rd: the USD one
+    # grows to $0.012 (target 0.006) while the token one stays 10.
+    assert levels == [(0.015, 12), (0.025, 23), (0.038, 30)]
     await store.close()
