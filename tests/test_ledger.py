@@ -310,6 +310,8 @@ async def test_the_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_
         ("cover", 0.055), ("cover", 0.085), ("cover", 0.115), ("cover", 0.145), ("cover", 0.095),
         ("cover", 0.045), ("close", 0.0)]
     assert rows[-1][2:] == (0, 0)
+    ids = store.query("SELECT reservation_id FROM reservations WHERE event = 'cover' ORDER BY created_at")
+    assert [i for (i,) in ids] == [f"s-cover{n}" for n in range(1, 7)]
     assert store.query("SELECT reservation_id FROM reservations WHERE event = 'close'") == [("s-close",)]
     await store.close()
 
@@ -398,6 +400,7 @@ class CheckingTeacher(HeldTeacher):
     {"usd": 2},  # exactly two worst cases: at times the level equals the exposure
     {"tokens": 3},
     {"tokens": 2},
+    {"usd": 100},  # far from the cap: each dimension covered by its own level
     {"tokens": 100},  # far from the cap: tokens are covered by their own level, USD by its uncapped one
     {"usd": 100, "tokens": 100},
 ])
