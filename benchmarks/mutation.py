@@ -9,6 +9,7 @@ with its diff and, if it is in benchmarks/mutation_equivalent.toml, why no test 
 
     python benchmarks/mutation.py            # run every mutant (about an hour on a loaded 2-core machine)
     python benchmarks/mutation.py --rerun-survivors   # after adding tests: only last run's survivors
+    python benchmarks/mutation.py --resume   # survivors and whatever an interrupted run did not reach
     python benchmarks/mutation.py --report   # rewrite the reports from mutants/ without running
 """
 
@@ -159,12 +160,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only rewrite the reports from mutants/")
     parser.add_argument("--rerun-survivors", action="store_true", help="run only the last run's survivors")
+    parser.add_argument("--resume", action="store_true",
+                        help="run only the mutants not yet killed (survivors and those an interrupted run left)")
     parser.add_argument("--only", nargs="*", choices=list(TARGETS), help="run only these modules' mutants")
-    parser.add_argument("--max-children", type=int, default=2)
+    # Most of a mutant's test time is waiting (commits, the sim, timers), not CPU: more workers than cores help.
+    parser.add_argument("--max-children", type=int, default=6)
     args = parser.parse_args()
     if not args.report:
-        if args.rerun_survivors:
-            names = [n for n, s in results().items() if s in SURVIVED]
+        if args.rerun_survivors or args.resume:
+            wanted = SURVIVED | ({"not checked", "interrupted"} if args.resume else set())
+            names = [n for n, s in results().items() if s in wanted]
         else:
             names = [g for m in (args.only or TARGETS) for g in TARGETS[m]]
         if names:

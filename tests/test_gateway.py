@@ -214,6 +214,8 @@ async def test_cancellation_mid_call_settles_the_reservation(tmp_path):
     await store.close()
     store = Store(tmp_path / "run.duckdb", read_only=True)
     assert spent_in_store(store)[0] == pytest.approx(gateway.budget.settled_usd)
+    assert store.query("SELECT event, error_class FROM reservations WHERE event IN ('settle', 'release')") == [
+        ("settle", "CancelledError")]
     store.close_sync()
 
 
@@ -228,8 +230,10 @@ async def test_a_stopping_run_sends_nothing_new_but_lets_calls_in_flight_finish(
     assert len(teacher.calls) == 1 and gateway.budget.reserved_usd > 0
     gateway.stop_sending()
     assert (await in_flight).text == "answer to first"
-    with pytest.raises(SendingStopped):
+    with pytest.raises(SendingStopped, match="^the run is stopping: not sent$"):  # stopped while it waited
         await queued
+    with pytest.raises(SendingStopped, match="^the run is stopping: not sent$"):  # asked after the stop
+        await gateway.complete(request("third"))
     assert len(teacher.calls) == 1 and gateway.budget.reserved_usd == pytest.approx(0.0)
     assert store.query("SELECT key FROM calls") == [(request("first").key,)]
     assert store.query("SELECT count(*) FROM reservations WHERE key = ?", [request("second").key]) == [(0,)]
@@ -324,7 +328,7 @@ async def test_a_failed_store_write_stops_paid_calls(tmp_path):
     with pytest.raises(StoreError):
         await gateway.complete(request("second"))
     sent = len(teacher.calls)
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match="^not sending paid calls: "):
         await gateway.complete(request("third"))
     assert len(teacher.calls) == sent  # refused before sending
     await store.close()
@@ -336,7 +340,10 @@ async def test_each_attempt_is_on_record_with_its_reservation_outcome_and_latenc
     clock = FakeClock()
 
     class SlowTeacher(ScriptedTeacher):
+        timeouts: list[float] = []
+
         async def complete(self, request, *, timeout_s):
+            self.timeouts.append(timeout_s)
             clock.now += 2.5  # the provider takes 2.5 s of (injected) time
             return await super().complete(request, timeout_s=timeout_s)
 
@@ -345,6 +352,10 @@ async def test_each_attempt_is_on_record_with_its_reservation_outcome_and_latenc
     req = request()
     result = await gateway.complete(req)
     assert gateway.stats.sent == 2 and gateway.stats.ok == 1 and gateway.stats.failed == 0
+    assert teacher.timeouts == [gateway.limits.timeout_s] * 2
+    # The limiter learns how the provider's input count (20) compares to our estimate, from the answer.
+    estimate = _estimate_and_max(req)[0]
+    assert gateway.limiter.input_ratio == pytest.approx(0.9 + 0.1 * 20 / estimate)
     await gateway.aclose()
     await store.close()
     store = Store(tmp_path / "run.duckdb", read_only=True)
@@ -363,3 +374,40 @@ async def test_each_attempt_is_on_record_with_its_reservation_outcome_and_latenc
     ]
     assert result.cost_usd == pytest.approx((20 * 1_000 + 10 * 2_000) / 1e6)
     store.close_sync()
+
+
+async def test_reservation_and_cost_use_the_request_models_own_price_and_cached_tokens(tmp_path):
+    cached = PriceSection(input_per_mtok=10_000.0, output_per_mtok=20_000.0, cached_input_per_mtok=1_000.0)
+    reply = TeacherReply(text="4", finish_reason="stop", input_tokens=20, output_tokens=10, cached_tokens=15)
+    clock = FakeClock()
+    store = Store(tmp_path / "run.duckdb")
+    budget = Budget(usd=100.0, tokens=None, price_of=lambda model: cached if model == "big" else PRICE)
+    gateway = Gateway(teachers={"sim": ScriptedTeacher([reply])}, store=store, budget=budget,
+                      limits=LimitsSection(max_attempts=4), clock=clock, sleep=clock.sleep)
+    await gateway.start()
+    req = TeacherRequest(role="answerer", provider="sim", model="big", messages=({"role": "user", "content": "2+2?"},),
+                         temperature=0.0, max_tokens=10, prompt_version="v1")
+    result = await gateway.complete(req)
+    assert result.cost_usd == pytest.approx((5 * 10_000 + 15 * 1_000 + 10 * 20_000) / 1e6)
+    await gateway.aclose()
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    estimate = _estimate_and_max(req)[0]
+    assert store.query("SELECT reserved_usd, usd FROM reservations WHERE event = 'settle'") == [
+        (pytest.approx((estimate * 10_000 + 10 * 20_000) / 1e6), pytest.approx(result.cost_usd))]
+    store.close_sync()
+
+
+async def test_a_call_whose_cover_cannot_be_written_is_not_sent_and_its_reservation_released(tmp_path):
+    teacher = ScriptedTeacher()
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    store.before_commit.append(lambda: 1 / 0)  # the first commit (the call's cover) fails
+    from agentkd.store import StoreError
+
+    with pytest.raises(StoreError):
+        await gateway.complete(request())
+    assert teacher.calls == [] and gateway.stats.sent == 0
+    assert gateway.budget.settled_usd == 0.0 and gateway.budget.reserved_usd == pytest.approx(0.0)
+    assert gateway.budget.reserved_calls == 0
+    store.before_commit.clear()
+    await store.close()
