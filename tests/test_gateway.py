@@ -411,3 +411,25 @@ async def test_a_call_whose_cover_cannot_be_written_is_not_sent_and_its_reservat
     assert gateway.budget.reserved_calls == 0
     store.before_commit.clear()
     await store.close()
+
+
+async def test_a_call_cancelled_while_its_cover_commits_is_released_not_charged(tmp_path):
+    teacher = ScriptedTeacher(delay=lambda: 10.0)
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
+    # A large batch ahead in the writer's queue: the call's cover commits after it, so the call waits.
+    store.enqueue("metrics", [{"iteration": 0, "name": "m", "value": float(i)} for i in range(20_000)])
+    task = asyncio.create_task(gateway.complete(request()))
+    while gateway.budget.reserved_calls == 0:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await gateway.aclose()
+    await store.close()
+    store = Store(tmp_path / "run.duckdb", read_only=True)
+    closes = store.query("SELECT event, usd, error_class FROM reservations WHERE event IN ('settle', 'release')")
+    if teacher.calls:  # the cover committed first after all: sent, so possibly billed
+        assert closes == [("settle", pytest.approx(gateway.budget.settled_usd), "CancelledError")]
+    else:
+        assert closes == [("release", 0.0, "CancelledError")] and gateway.budget.settled_usd == 0.0
+    store.close_sync()
