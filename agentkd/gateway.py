@@ -97,8 +97,7 @@ class Gateway:
         self._rng = random.Random(seed)
         self._stored_keys: set[str] = set()
         self._in_flight: dict[str, asyncio.Future | None] = {}
-        self._budget_freed = asyncio.Event()  # set (and replaced) when a reservation closes and calls wait
-        self._budget_waiters = 0
+        self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
         self._session = uuid.uuid4().hex[:8]
         self.sending = True  # False: calls still waiting for a slot are dropped, not sent
         self.cover = SpendCover(store, budget, session=self._session, max_concurrency=limits.max_concurrency)
@@ -297,9 +296,9 @@ class Gateway:
             else:
                 self.budget.release(reservation)
                 usd, tokens = 0.0, 0
-            if self._budget_waiters:
-                self._budget_freed.set()
-                self._budget_freed = asyncio.Event()
+            # Wake every call waiting for budget (they retry their reservation); a fresh event for the next.
+            self._budget_freed.set()
+            self._budget_freed = asyncio.Event()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
             # closing ledger row is also the attempt's record (the `attempts` view); a cover level it
             # leaves out of its band is rewritten in the same commit.
@@ -326,11 +325,7 @@ class Gateway:
             except BudgetExhausted:
                 if self.budget.reserved_tokens <= 0:
                     raise
-                self._budget_waiters += 1
-                try:
-                    await self._budget_freed.wait()
-                finally:
-                    self._budget_waiters -= 1
+                await self._budget_freed.wait()
 
     def _on_wait(self, error: TeacherError, seconds: float) -> None:
         if isinstance(error, RateLimited):

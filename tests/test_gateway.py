@@ -433,3 +433,33 @@ async def test_a_call_cancelled_while_its_cover_commits_is_released_not_charged(
     else:
         assert closes == [("release", 0.0, "CancelledError")] and gateway.budget.settled_usd == 0.0
     store.close_sync()
+
+
+async def test_calls_waiting_for_budget_are_all_woken_whatever_order_they_fit_in(tmp_path):
+    """A large call in flight; a small, a large and a small one wait for budget. When the first settles,
+    the small ones fit and the large one waits again: it must still be woken when they settle."""
+    release = asyncio.Event()
+
+    class GatedTeacher(ScriptedTeacher):
+        async def complete(self, request, *, timeout_s):
+            self.calls.append(request)
+            if not release.is_set():
+                await release.wait()
+            return TeacherReply(text="4", finish_reason="stop", input_tokens=2, output_tokens=2)
+
+    teacher = GatedTeacher()
+    est = _estimate_and_max(request("A", max_tokens=60))[0]
+    small, large = (est * 1_000 + 10 * 2_000) / 1e6, (est * 1_000 + 60 * 2_000) / 1e6
+    gateway, store, _ = await make_gateway(tmp_path, teacher, usd=large + small / 2)
+    first = asyncio.create_task(gateway.complete(request("A", max_tokens=60)))
+    await teacher.sent()
+    waiting = [asyncio.create_task(gateway.complete(request(t, max_tokens=m))) for t, m in
+               [("B", 10), ("C", 60), ("D", 10)]]
+    for _ in range(100):  # all three wait for the budget
+        await asyncio.sleep(0)
+    assert len(teacher.calls) == 1
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *waiting, return_exceptions=True), timeout=10)
+    assert all(not isinstance(r, BaseException) for r in results), results
+    assert len(teacher.calls) == 4
+    await store.close()
