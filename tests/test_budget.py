@@ -112,3 +112,9 @@ def test_a_settled_call_is_priced_at_its_own_model():
     b = budget(usd=10.0)
     r = b.reserve("k", "cached", 100, 10)
     assert b.settle(r, Usage(100, 10, cached_tokens=40)) == (pytest.approx(0.084), 110)
+
+
+def test_reservation_ids_count_up_from_the_run_prefix_which_defaults_to_none():
+    b = budget(usd=10.0)
+    b.restore(usd=0.0, tokens=0)
+    assert [b.reserve(f"k{i}", "m", 1, 1).id for i in range(2)] == ["0", "1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import pytest
 
@@ -439,4 +440,34 @@ async def test_the_band_follows_the_largest_worst_case_in_each_dimension(tmp_pat
     # 1st: targets $0.005 and 4 tokens. 2nd: the token worst case grows to 10 (target 5). 3rd: the USD one
     # grows to $0.012 (target 0.006) while the token one stays 10.
     assert levels == [(0.015, 12), (0.025, 23), (0.038, 30)]
+    await store.close()
+
+
+async def test_reservations_made_while_a_lower_level_is_on_its_way_are_covered_by_the_next_one(tmp_path):
+    """Two levels on their way at once (a lowering queued with a settle row, then a raise): when the first
+    commits, the floor is the lower of what is committed and what is still on its way."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=10.0, tokens=None, price_of=lambda model: PRICE)  # band as above: low 0.0225, high 0.09
+    cover = SpendCover(store, b, session="s", max_concurrency=1000)
+    held = [each_call(b, i) for i in range(10)]
+    await cover.cover(*held[-1][3:5])  # one level for all ten: 0.1 + 0.045
+    assert round(cover.level[0], 9) == 0.145
+    for r in held[:5]:
+        b.release(r)
+        cover.record(closing_row(r, "release"))  # the 5th leaves 0.095 unused: lowered to 0.095, on its way
+    assert round(cover.level[0], 9) == 0.095 and len(cover._pending) == 1
+    more = [each_call(b, 10 + i) for i in range(3)]  # exposure 0.08: less than `low` left, raise to 0.125
+    tasks = [asyncio.create_task(cover.cover(r.usd, r.tokens)) for r in more]
+    await asyncio.sleep(0)
+    assert round(cover.level[0], 9) == 0.125 and len(cover._pending) == 2
+    assert round(cover.floor[0], 9) == 0.095  # what a crash could show until the raise commits
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)  # covered at once: 0.095 >= 0.08
+    await barrier(store)  # both levels commit; the done-callbacks move the floor up
+    assert round(cover.floor[0], 9) == 0.125 and cover._pending == deque()
+    r = each_call(b, 20)  # exposure 0.09: covered by the committed 0.125
+    await cover.cover(r.usd, r.tokens)
+    assert cover.writes == 3
     await store.close()
