@@ -471,3 +471,28 @@ async def test_reservations_made_while_a_lower_level_is_on_its_way_are_covered_b
     await cover.cover(r.usd, r.tokens)
     assert cover.writes == 3
     await store.close()
+
+
+async def test_the_token_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_path):
+    """The same in tokens: cap 10,000 (1% = 100 = M), worst case 8: high 92, target 46, low 23."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=None, tokens=10_000, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=1000)
+    held, raised = [], []
+    for i in range(10):
+        r = each_call(b, i)
+        held.append(r)
+        await cover.cover(r.usd, r.tokens)
+        raised.append(cover.level[1])
+    assert raised == [54] * 3 + [78] * 3 + [102] * 3 + [126]
+    lowered = []
+    for r in held:
+        b.release(r)
+        cover.record(closing_row(r, "release"))
+        lowered.append(cover.level[1])
+    assert lowered == [126] * 5 + [78] * 5 and cover.writes == 5
+    await cover.close()
+    await store.close()
