@@ -116,5 +116,6 @@ def test_a_settled_call_is_priced_at_its_own_model():
 
 def test_reservation_ids_count_up_from_the_run_prefix_which_defaults_to_none():
     b = budget(usd=10.0)
+    assert b.reserve("k", "m", 1, 1).id == "0"  # never restored: no prefix
     b.restore(usd=0.0, tokens=0)
-    assert [b.reserve(f"k{i}", "m", 1, 1).id for i in range(2)] == ["0", "1"]
+    assert [b.reserve(f"k{i}", "m", 1, 1).id for i in range(2)] == ["1", "2"]
