@@ -496,3 +496,64 @@ async def test_the_token_level_is_raised_and_lowered_only_when_it_leaves_its_ban
     assert lowered == [126] * 5 + [78] * 5 and cover.writes == 5
     await cover.close()
     await store.close()
+
+
+async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lower_of_both(tmp_path):
+    """A lowering's batch is being committed when a raise is queued behind it: once the lowering is
+    durable, the floor is the lower of it and the raise still on its way."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=10.0, tokens=None, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=1000)
+    held = [each_call(b, i) for i in range(10)]
+    await cover.cover(*held[-1][3:5])
+    for r in held[:5]:
+        b.release(r)
+        cover.record(closing_row(r, "release"))
+    lowering, lowered = cover._pending[-1][0], cover.level
+    await asyncio.sleep(0)  # the writer takes the lowering's batch to its thread
+    more = [each_call(b, 10 + i) for i in range(3)]
+    tasks = [asyncio.create_task(cover.cover(r.usd, r.tokens)) for r in more]
+    await asyncio.shield(lowering)  # meanwhile the raise is queued: a batch of its own
+    raised = cover.level
+    assert raised[0] > lowered[0] and len(cover._pending) == 1
+    assert cover.floor == (pytest.approx(min(lowered[0], raised[0])), min(lowered[1], raised[1]))
+    await asyncio.gather(*tasks)
+    await barrier(store)
+    assert cover.floor == (pytest.approx(raised[0]), raised[1])
+    await store.close()
+
+
+def test_max_concurrency_below_one_counts_as_one(tmp_path):
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    b = Budget(usd=None, tokens=None, price_of=lambda model: PRICE)
+    assert SpendCover(store, b, session="s", max_concurrency=0).max_concurrency == 1
+    assert SpendCover(store, b, session="s", max_concurrency=1).max_concurrency == 1
+    store.close_sync()
+
+
+def test_every_session_counts_whatever_order_the_database_returns_them_in(tmp_path):
+    """Three closed sessions and two interrupted ones (3 and 2 calls in flight; one whose settles passed
+    its last cover, which then adds nothing)."""
+    store = Store(tmp_path / "run.duckdb")
+    rows = []
+    for s in ("a", "b", "c"):
+        rows += [{"reservation_id": f"{s}-cover1", "event": "cover", "usd": 1.0, "tokens": 100, "session": s},
+                 {"reservation_id": f"{s}-0", "event": "settle", "usd": 0.1, "tokens": 10, "session": s},
+                 {"reservation_id": f"{s}-close", "event": "close", "usd": 0.1, "tokens": 10, "session": s}]
+    rows += [{"reservation_id": "d-cover1", "event": "cover", "usd": 1.0, "tokens": 100, "session": "d",
+              "in_flight": 3},
+             {"reservation_id": "d-0", "event": "settle", "usd": 0.2, "tokens": 20, "session": "d", "in_flight": 3},
+             {"reservation_id": "e-cover1", "event": "cover", "usd": 0.1, "tokens": 10, "session": "e",
+              "in_flight": 2},
+             {"reservation_id": "e-0", "event": "settle", "usd": 0.3, "tokens": 30, "session": "e", "in_flight": 2}]
+    store.append_now("reservations", rows)
+    prior = prior_spend(store)
+    assert prior.settled_usd == pytest.approx(0.8) and prior.settled_tokens == 80
+    assert prior.unsettled_usd == pytest.approx(0.8) and prior.unsettled_tokens == 80  # d only: e's settles passed its cover
+    assert prior.interrupted == 2 and prior.in_flight == 5
+    store.close_sync()
