@@ -277,3 +277,12 @@ async def test_rows_queued_just_before_close_are_committed_by_it(tmp_path):
     store = Store(tmp_path / "run.duckdb", read_only=True)
     assert store.count("metrics") == 4
     store.close_sync()
+
+
+def test_a_row_may_set_every_column_of_its_table(tmp_path):
+    from agentkd.store import COLUMNS
+
+    store = Store(tmp_path / "run.duckdb")
+    row = {c: None for c in COLUMNS["metrics"]} | {"name": "m", "value": 1.0, "iteration": 0}
+    assert store.append_now("metrics", [row]) == 1
+    store.close_sync()
