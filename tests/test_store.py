@@ -250,6 +250,7 @@ async def test_a_clean_close_stops_the_writer_and_checkpoints(tmp_path):
     await store.close()
     assert not path.with_name(path.name + ".wal").exists()
     assert store._writer is None
+    await store.close()  # a second close (a finally after an explicit close) is harmless
     store = Store(path, read_only=True)
     assert store.count("metrics") == 1
     with pytest.raises(StoreError, match="read-only"):
