@@ -557,3 +557,23 @@ def test_every_session_counts_whatever_order_the_database_returns_them_in(tmp_pa
     assert prior.unsettled_usd == pytest.approx(0.8) and prior.unsettled_tokens == 80  # d only: e's settles passed its cover
     assert prior.interrupted == 2 and prior.in_flight == 5
     store.close_sync()
+
+
+@pytest.mark.parametrize("caps", [{"tokens": 16}, {"usd": 0.02}])
+async def test_a_level_exactly_at_the_exposure_covers_it(tmp_path, caps):
+    """A cap of exactly two worst cases: with both calls reserved the level is the exposure (no more fits
+    under the cap), and that covers it: no waiting for a higher level that the cap forbids."""
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=caps.get("usd"), tokens=caps.get("tokens"), price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    for i in range(2):
+        r = each_call(b, i)
+        await asyncio.wait_for(cover.cover(r.usd, r.tokens), timeout=10)
+    if "tokens" in caps:
+        assert cover.level[1] == 16 == b.reserved_tokens
+    else:
+        assert cover.level[0] == b.reserved_usd
+    await store.close()
