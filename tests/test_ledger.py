@@ -498,7 +498,7 @@ async def test_the_token_level_is_raised_and_lowered_only_when_it_leaves_its_ban
     await store.close()
 
 
-async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lower_of_both(tmp_path):
+async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lower_of_both(tmp_path, caplog):
     """A lowering's batch is being committed when a raise is queued behind it: once the lowering is
     durable, the floor is the lower of it and the raise still on its way."""
     from agentkd.ledger import SpendCover
@@ -520,6 +520,8 @@ async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lowe
     raised = cover.level
     assert raised[0] > lowered[0] and len(cover._pending) == 1
     assert cover.floor == (pytest.approx(min(lowered[0], raised[0])), min(lowered[1], raised[1]))
+    # The commit callback ran cleanly (asyncio logs, and otherwise swallows, an exception raised in one).
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     await asyncio.gather(*tasks)
     await barrier(store)
     assert cover.floor == (pytest.approx(raised[0]), raised[1])
