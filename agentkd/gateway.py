@@ -143,9 +143,8 @@ class Gateway:
 
     def on_budget_freed(self) -> None:
         """Batch results settled below their holds: online calls waiting for budget look again."""
-        if self._budget_waiters:
-            self._budget_freed.set()
-            self._budget_freed = asyncio.Event()
+        self._budget_freed.set()
+        self._budget_freed = asyncio.Event()
 
     async def aclose(self) -> None:
         if self.batches is not None:
