@@ -75,8 +75,16 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True)
 
 
+MEASURED_AT = ROOT / "mutants" / "measured-at"  # the commit whose source the recorded results are for
+
+
 def run(names: list[str], max_children: int) -> None:
     log = ROOT / "mutants" / "mutmut-run.log"  # mutants/ is git-ignored
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, capture_output=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "agentkd", "tests"], cwd=ROOT, text=True,
+                           capture_output=True).stdout.strip()
+    (ROOT / "mutants").mkdir(exist_ok=True)
+    MEASURED_AT.write_text(f"{head.strip()}{' + uncommitted changes' if dirty else ''}\n")
     proc = mutmut("run", "--max-children", str(max_children), *names)
     log.write_text(proc.stdout[-200_000:] + proc.stderr[-50_000:])
     if proc.returncode != 0:
@@ -122,6 +130,7 @@ def report(status: dict[str, str]) -> int:
         "killed": killed, "survived": survived, "score": round(score, 4),
         "equivalent": survived - len(unexplained), "unexplained_survivors": unexplained,
         "not_run": sum(c["not run"] for c in by_module.values()),
+        "measured_at": MEASURED_AT.read_text().strip() if MEASURED_AT.exists() else None,
         "by_module": {m: {"killed": c["killed"], "survived": c["survived"],
                           "score": round(c["killed"] / (c["killed"] + c["survived"]), 4)
                           if c["killed"] + c["survived"] else None} for m, c in by_module.items()},
@@ -144,6 +153,7 @@ def write_markdown(summary: dict, rows: list[tuple[str, str, str, str | None]]) 
              "mutmut keeps each mutant's result under mutants/ and re-tests a function whose source changed, so",
              "`--resume` / `--rerun-survivors` after adding tests update this without a full run (a full run from",
              "scratch took about 40 min on a shared, loaded 2-core machine).",
+             "", f"Measured at: {summary['measured_at']}.",
              "", f"**Score {summary['score']:.3f}**: {summary['killed']} killed, {summary['survived']} survived "
              f"({summary['equivalent']} explained as equivalent below, {len(summary['unexplained_survivors'])} "
              "unexplained).", "", "| module | killed | survived | score |", "| --- | ---: | ---: | ---: |"]
@@ -170,6 +180,10 @@ def main() -> int:
     parser.add_argument("--max-children", type=int, default=6)
     args = parser.parse_args()
     if not args.report:
+        if args.resume and results():
+            # mutmut regenerates the mutants of functions whose source changed when a run starts: one cheap
+            # run first, so the list below includes them (reset to "not checked").
+            run([next(iter(results()))], args.max_children)
         if args.rerun_survivors or args.resume:
             wanted = SURVIVED | ({"not checked", "interrupted"} if args.resume else set())
             names = [n for n, s in results().items() if s in wanted]
