@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import signal
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 
 from agentkd.batches import BatchesPending
 from agentkd.batches.providers import BatchAPI, BatchState, Outcome
-from agentkd.batches.records import OpenBatch, QueuedRequest, open_batches
+from agentkd.batches.records import OpenBatch, open_batches
 from agentkd.budget import BudgetExhausted, Reservation, Usage
 from agentkd.config import BatchSection
 from agentkd.gateway import CallFailed, Completion, Gateway, SendingStopped
