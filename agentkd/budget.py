@@ -150,14 +150,7 @@ class Budget:
     def settle_held(self, reservation: Reservation, usage: Usage | None) -> tuple[float, int]:
         """A batch request's result: at its usage, or (None: billed but unreadable) its whole hold."""
         self.unhold(reservation)
-        if usage is None:
-            usd, tokens = reservation.usd, reservation.tokens
-        else:
-            usd = self.cost(reservation.model, usage, batch=True)
-            tokens = usage.input_tokens + usage.output_tokens
-        self.settled_usd += usd
-        self.settled_tokens += tokens
-        return usd, tokens
+        return self._charge(reservation, usage, batch=True)
 
     def unhold(self, reservation: Reservation) -> None:
         """The request was not processed (expired, cancelled, errored, or never submitted): nothing billed."""
@@ -184,20 +177,24 @@ class Budget:
         self.reserved_usd -= reservation.usd
         self.reserved_tokens -= reservation.tokens
         self.reserved_calls -= 1
-        if usage is None:
-            usd, tokens = reservation.usd, reservation.tokens
-        else:
-            usd = self.cost(reservation.model, usage)
-            tokens = usage.input_tokens + usage.output_tokens
-        self.settled_usd += usd
-        self.settled_tokens += tokens
-        return usd, tokens
+        return self._charge(reservation, usage, batch=False)
 
     def release(self, reservation: Reservation) -> None:
         """Nothing reached the provider: the reservation is returned whole."""
         self.reserved_usd -= reservation.usd
         self.reserved_tokens -= reservation.tokens
         self.reserved_calls -= 1
+
+    def _charge(self, reservation: Reservation, usage: Usage | None, *, batch: bool) -> tuple[float, int]:
+        """Add a closed reservation to the settled spend: its usage priced, or (None) the whole reservation."""
+        if usage is None:
+            usd, tokens = reservation.usd, reservation.tokens
+        else:
+            usd = self.cost(reservation.model, usage, batch=batch)
+            tokens = usage.input_tokens + usage.output_tokens
+        self.settled_usd += usd
+        self.settled_tokens += tokens
+        return usd, tokens
 
     def _caps(self) -> str:
         parts = []

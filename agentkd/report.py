@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentkd.budget import Usage, cost_usd
 from agentkd.config import ConfigError, RunConfig, TaskSection
 from agentkd.export import open_run_store
 from agentkd.proxy_check import weaker_than_student
@@ -146,12 +147,10 @@ def cache_saving(run: RunData) -> tuple[int, int, float | None]:
     try:
         config = RunConfig.model_validate(run.config or {})
         saved = 0.0
-        for c in run.cache:
-            price = config.price(c["model"])
-            cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
-            write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
-            usd = (c["read"] * (price.input_per_mtok - cached_price) - c["written"] * (write_price - price.input_per_mtok))
-            saved += usd / 1e6 * ((1.0 - price.batch_discount) if c["mode"] == "batch" else 1.0)
+        for c in run.cache:  # the same tokens billed without the cache, minus as billed with it
+            price, batch, n = config.price(c["model"]), c["mode"] == "batch", c["read"] + c["written"]
+            saved += (cost_usd(price, Usage(n, 0), batch=batch)
+                      - cost_usd(price, Usage(n, 0, c["read"], c["written"]), batch=batch))
     except (ValueError, ConfigError):
         return read, written, None
     return read, written, saved

@@ -314,14 +314,23 @@ def _wrong(item: LabelItem, rng: random.Random) -> str:
     return rng.choice([lbl for lbl in labels if lbl != item.label])
 
 
-def explain(text: str, *, json_mode: bool, with_reason: bool, rng: random.Random, error_rate: float) -> str | None:
-    """The explainer's (or, without a reason, the labeler's) reply to a label-world item; None if it is none."""
+def _teacher_label(text: str, rng: random.Random, error_rate: float) -> tuple[LabelItem, str, bool, str] | None:
+    """The item, the teacher's label (wrong at error_rate), whether it is NLI, and a one-sentence reason."""
     item = solve(text)
     if item is None:
         return None
     label = _wrong(item, rng) if rng.random() < error_rate else item.label
     nli = "premise" in item.fields
     reason = _nli_reason(read_nli(text), label, rng) if nli else _mc_reason(item, label, rng)  # type: ignore[arg-type]
+    return item, label, nli, reason
+
+
+def explain(text: str, *, json_mode: bool, with_reason: bool, rng: random.Random, error_rate: float) -> str | None:
+    """The explainer's (or, without a reason, the labeler's) reply to a label-world item; None if it is none."""
+    found = _teacher_label(text, rng, error_rate)
+    if found is None:
+        return None
+    item, label, nli, reason = found
     if json_mode:
         key = rng.choice(("rationale", "rationale", "reason"))
         shown = rng.choice((label, label.capitalize())) if nli else label
@@ -349,12 +358,10 @@ def explain(text: str, *, json_mode: bool, with_reason: bool, rng: random.Random
 
 def answer(text: str, *, json_mode: bool, rng: random.Random, error_rate: float) -> str | None:
     """The answerer on a label-world item: a reason, then "The answer is <label>."."""
-    item = solve(text)
-    if item is None:
+    found = _teacher_label(text, rng, error_rate)
+    if found is None:
         return None
-    label = _wrong(item, rng) if rng.random() < error_rate else item.label
-    nli = "premise" in item.fields
-    reason = _nli_reason(read_nli(text), label, rng) if nli else _mc_reason(item, label, rng)  # type: ignore[arg-type]
+    _, label, _, reason = found
     out = f"{reason} The answer is {label}."
     return json.dumps({"answer": out}) if json_mode else out
 
