@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality.lion import lion_vs_random, usd_to_reach  # noqa: E402
+from quality.table import paired_vs_sft  # noqa: E402
 from quality.teacher import LMResponder, sample, teacher_prompt  # noqa: E402
 
 from agentkd.config import SimSection  # noqa: E402
@@ -114,3 +115,18 @@ def test_quick_lab_writes_every_figure(tmp_path):
     assert 0.0 <= figures["proxy"]["accuracy_mean"] <= 1.0 and figures["proxy"]["kl_mean"] >= 0.0
     kshot = figures["explainer_prompts"]
     assert kshot["six_shot"]["billed_input_tokens_per_row"] > kshot["zero_shot"]["billed_input_tokens_per_row"]
+
+
+def test_accuracy_against_sft_is_paired_by_seed_with_a_t_interval():
+    sft = [{"seed": s, "accuracy": a} for s, a in ((0, 0.50), (1, 0.30), (2, 0.40))]
+    # the same +0.05 on every seed: resolved, although the seeds spread far more than 0.05
+    steady = paired_vs_sft([{"seed": s, "accuracy": r["accuracy"] + 0.05} for s, r in enumerate(sft)], sft)
+    assert steady["mean"] == pytest.approx(0.05) and steady["low"] == pytest.approx(0.05) and steady["resolved"]
+    # +0.15, -0.05, +0.05: mean +0.05, sd 0.1, half-width 4.303 x 0.1 / sqrt(3)
+    mixed = paired_vs_sft([{"seed": 0, "accuracy": 0.65}, {"seed": 1, "accuracy": 0.25},
+                           {"seed": 2, "accuracy": 0.45}], sft)
+    assert mixed["mean"] == pytest.approx(0.05) and mixed["high"] - mixed["mean"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert not mixed["resolved"]
+    # seeds without a partner are left out; one pair gives no interval
+    one = paired_vs_sft([{"seed": 2, "accuracy": 0.1}, {"seed": 9, "accuracy": 0.9}], sft)
+    assert one["seeds"] == 1 and one["mean"] == pytest.approx(-0.3) and one["low"] is None and not one["resolved"]
