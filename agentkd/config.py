@@ -95,7 +95,8 @@ class SimSection(Section):
         default_factory=list,
         description='One per created batch, in order: "ok", "expire:<share done>", "fail" (OpenAI: the batch '
         'fails validation; Anthropic: every request errors), "drop_create" (the batch is created, the '
-        'create response is cut off), "cancel:<share done>".',
+        'create response is cut off), "cancel:<share done>", "hold" (the batch runs nothing until it is '
+        'cancelled).',
     )
 
 

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agentkd.budget import BudgetExhausted
@@ -262,3 +263,53 @@ def test_a_chunk_over_the_byte_limit_is_split(tmp_path, provider):
         store.close_sync()
     assert len(stats["batches"]) >= 3  # ~650 bytes a request: 3 in each 2,000-byte batch
     assert all(b["requests"] <= 4 for b in stats["batches"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_batch_created_but_not_recorded_is_found_while_still_running(tmp_path, provider):
+    """kill -9 after the provider created the batch and before the store knew its id; the batch is still
+    running when the re-run looks for it. OpenAI finds it by its metadata at once. Anthropic can tell a
+    batch is ours only from its results, which exist once it has ended: the re-run waits for the running
+    candidate, saying so with its status and counts, never creates a second one, and takes it as ours
+    once it ends (here cancelled, so its requests go again in a new batch)."""
+    with sim_in_thread(SimSection(batch_time_scale=1e-4, batch_faults=["hold"])) as sim:
+        config, data, out = write_run(tmp_path, provider, sim.base_url, rows=6)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        killed = subprocess.run(teach_cmd(config, data, out), cwd=ROOT, env={**env, "AGENTKD_TEST_KILL_AT": "created"},
+                                capture_output=True, text=True, timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        (held,) = sim.stats()["batches"]
+        store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+        assert store.query("SELECT count(*) FROM batches WHERE event = 'submitted'")[0][0] == 0
+        store.close_sync()
+
+        resumed = subprocess.Popen(teach_cmd(config, data, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        # The re-run says it is waiting on the held batch (Anthropic) or polls it once found (OpenAI).
+        marker = "that may be it still running" if provider == "anthropic" else f"found at {provider} as {held['id']}"
+        seen = []
+        for line in resumed.stderr:
+            seen.append(line)
+            if marker in line:
+                break
+        assert any(marker in line for line in seen), "".join(seen)[-3000:]
+        assert len(sim.stats()["batches"]) == 1  # waiting, not creating another
+        cancel = f"{sim.base_url}/v1/messages/batches/{held['id']}/cancel" if provider == "anthropic" else \
+            f"{sim.base_url}/v1/batches/{held['id']}/cancel"
+        httpx.post(cancel, timeout=10).raise_for_status()
+        rest, _ = resumed.communicate(timeout=60)
+        assert resumed.returncode == 0, "".join(seen) + (rest or "")
+        stats = sim.stats()
+    first, second = stats["batches"]
+    assert first["id"] == held["id"] and first["results"] == 6 and second["requests"] == 6
+    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+    try:
+        check_once(store, stats, 6)
+        found = store.query("SELECT provider_batch_id, detail FROM batches WHERE event = 'submitted' "
+                            "ORDER BY created_at")
+        assert found[0] == (held["id"], "found at the provider after a restart")
+        assert store.query("SELECT count(*) FROM batch_requests WHERE event = 'requeued'")[0][0] == 6
+    finally:
+        store.close_sync()
+    assert len(out.read_text().splitlines()) == 6

@@ -19,7 +19,7 @@ def batch_runner(config: RunConfig, gateway, sim_base_url: str | None, say: Call
     from agentkd.batches.runner import BatchRunner
     from agentkd.teachers import endpoints
 
-    apis = {provider: batch_api(provider, url, resolve_api_key(key_env, provider=provider), config.batch.poll_s)
+    apis = {provider: batch_api(provider, url, resolve_api_key(key_env, provider=provider))
             for provider, (url, key_env) in endpoints(config, sim_base_url).items()}
     runner = BatchRunner(gateway, apis, config.batch, say=say)
     runner.collecting = any(config.role(role).mode == "batch" for role in ("answerer", "explainer", "referee",

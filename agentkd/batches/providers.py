@@ -14,7 +14,6 @@ no metadata, and gives results only once the whole batch has ended.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -58,6 +57,17 @@ class BatchState:
 
 
 @dataclass
+class Lookup:
+    """What one find() saw: our batch, or else the candidates that may be ours but are still running
+    (Anthropic can tell only from results, which exist once a batch has ended) and those that ended and
+    are not ours (the caller leaves them out of its next look)."""
+
+    found: str | None = None
+    running: dict[str, BatchState] = field(default_factory=dict)  # provider batch id -> its state
+    not_ours: set[str] = field(default_factory=set)
+
+
+@dataclass
 class Outcome:
     """One request's result: `reply` (answered), or `retry` True (not run, ask again) / False (refused)."""
 
@@ -74,7 +84,7 @@ class BatchAPI(Protocol):
     def entry(self, custom_id: str, request: TeacherRequest) -> bytes: ...
     async def upload(self, batch_id: str, entries: list[bytes]) -> str | None: ...
     async def create(self, batch_id: str, file_id: str | None, entries: list[bytes]) -> str: ...
-    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None: ...
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> Lookup: ...
     async def state(self, provider_batch_id: str) -> BatchState: ...
     async def results(self, provider_batch_id: str) -> list[Outcome]: ...
     async def aclose(self) -> None: ...
@@ -107,18 +117,18 @@ class OpenAIBatches:
                                                       metadata={METADATA_KEY: batch_id}, timeout=TIMEOUT_S)
         return batch.id
 
-    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None:
-        """The batch whose metadata carries this agentkd id (newest first, back to `since`)."""
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> Lookup:
+        """The batch whose metadata carries this agentkd id (newest first, back to `since`), running or not."""
         oldest = since.replace(tzinfo=dt.UTC).timestamp() - FIND_SKEW_S
         with key_redacted(self._api_key), _mapped_errors(openai, TIMEOUT_S):
             seen = 0
             async for batch in self._client.batches.list(limit=100, timeout=TIMEOUT_S):
                 if (batch.metadata or {}).get(METADATA_KEY) == batch_id:
-                    return batch.id
+                    return Lookup(found=batch.id)
                 seen += 1
                 if batch.created_at < oldest or seen >= LIST_PAGES * 100:
-                    return None
-        return None
+                    break
+        return Lookup()
 
     async def state(self, provider_batch_id: str) -> BatchState:
         with key_redacted(self._api_key), _mapped_errors(openai, TIMEOUT_S):
@@ -170,9 +180,8 @@ def _openai_outcome(line: str) -> Outcome | None:
 class AnthropicBatches:
     limits = Limits(requests=100_000, bytes=256 * 1024 * 1024)
 
-    def __init__(self, *, base_url: str, api_key: str | None, find_poll_s: float = 5.0) -> None:
+    def __init__(self, *, base_url: str, api_key: str | None) -> None:
         self.provider = "anthropic"
-        self.find_poll_s = find_poll_s  # while a candidate batch of find() is still running
         self._client = anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key or "unused", max_retries=0)
         self._api_key = api_key
 
@@ -189,37 +198,37 @@ class AnthropicBatches:
             batch = await self._client.messages.batches.create(requests=requests, timeout=TIMEOUT_S)
         return batch.id
 
-    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> str | None:
+    async def find(self, batch_id: str, requests: int, since: dt.datetime, exclude: set[str]) -> Lookup:
         """Anthropic batches carry no metadata: a candidate is a batch created since the `prepared` row with
-        as many requests, not claimed by another agentkd batch, and it is ours only if its results carry
-        our custom_ids (which start with the agentkd id). Results exist once a batch has ended, so while
-        a candidate is still running this waits for it: its results are what the caller waits for anyway."""
+        as many requests, not in `exclude` (claimed by another agentkd batch, or seen not to be ours), and
+        it is ours only if its results carry our custom_ids (which start with the agentkd id). Results
+        exist once a batch has ended, so a candidate still running is reported, not waited for here: the
+        caller waits (runner._find), saying what runs, and looks again."""
         oldest = since.replace(tzinfo=dt.UTC) - dt.timedelta(seconds=FIND_SKEW_S)
-        while True:
+        lookup = Lookup()
+        with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
             candidates = []
-            with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
-                seen = 0
-                async for batch in self._client.messages.batches.list(limit=100, timeout=TIMEOUT_S):
-                    created = batch.created_at if batch.created_at.tzinfo else batch.created_at.replace(tzinfo=dt.UTC)
-                    if created < oldest or seen >= LIST_PAGES * 100:
-                        break
-                    seen += 1
-                    counts = batch.request_counts
-                    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
-                    if total == requests and batch.id not in exclude:
-                        candidates.append(batch)
-                running = False
-                for batch in candidates:
-                    if batch.processing_status != "ended":
-                        running = True
-                        continue
-                    async for item in await self._client.messages.batches.results(batch.id, timeout=TIMEOUT_S):
-                        if item.custom_id.startswith(batch_id + "-"):
-                            return batch.id
-                        break
-            if not running:
-                return None
-            await asyncio.sleep(self.find_poll_s)
+            seen = 0
+            async for batch in self._client.messages.batches.list(limit=100, timeout=TIMEOUT_S):
+                created = batch.created_at if batch.created_at.tzinfo else batch.created_at.replace(tzinfo=dt.UTC)
+                if created < oldest or seen >= LIST_PAGES * 100:
+                    break
+                seen += 1
+                counts = batch.request_counts
+                total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+                if total == requests and batch.id not in exclude:
+                    candidates.append(batch)
+            for batch in candidates:
+                if batch.processing_status != "ended":
+                    lookup.running[batch.id] = BatchState(batch.processing_status, False,
+                                                          batch.request_counts.model_dump())
+                    continue
+                async for item in await self._client.messages.batches.results(batch.id, timeout=TIMEOUT_S):
+                    if item.custom_id.startswith(batch_id + "-"):
+                        return Lookup(found=batch.id)
+                    break
+                lookup.not_ours.add(batch.id)
+        return lookup
 
     async def state(self, provider_batch_id: str) -> BatchState:
         with key_redacted(self._api_key), _mapped_errors(anthropic, TIMEOUT_S):
@@ -264,8 +273,8 @@ def _parsed(custom_id: str, parse) -> Outcome:
         return Outcome(custom_id, error=err, retry=False)
 
 
-def batch_api(provider: str, base_url: str, api_key: str | None, poll_s: float = 5.0) -> BatchAPI:
+def batch_api(provider: str, base_url: str, api_key: str | None) -> BatchAPI:
     """The batch adapter for a provider; the sim and OpenAI-compatible servers speak OpenAI's."""
     if provider == "anthropic":
-        return AnthropicBatches(base_url=base_url, api_key=api_key, find_poll_s=poll_s)
+        return AnthropicBatches(base_url=base_url, api_key=api_key)
     return OpenAIBatches(provider=provider, base_url=base_url, api_key=api_key)

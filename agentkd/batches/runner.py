@@ -44,7 +44,8 @@ from agentkd.tokens import Estimate, estimate_prompt
 T = TypeVar("T")
 SUBMIT_ATTEMPTS = 6
 # Test hook (like store.py's): SIGKILL this process right after the named step of a batch is durable:
-# "prepared", "uploaded" (OpenAI: between the upload and the create), "submitted".
+# "prepared", "uploaded" (OpenAI: between the upload and the create), "created" (the provider has the
+# batch, the store does not know its id yet), "submitted".
 _KILL_AT = os.environ.get("AGENTKD_TEST_KILL_AT") or ""
 
 
@@ -270,11 +271,12 @@ class BatchRunner:
         """Create the batch once: after an ambiguous failure (or on resume) look for it first."""
         since = chunk.prepared_at or dt.datetime.now(dt.UTC).replace(tzinfo=None)
         if chunk.resumed:
-            chunk.provider_batch_id = await self._retrying(
-                lambda: api.find(chunk.batch_id, len(entries), since, self._claimed(chunk)))
+            chunk.provider_batch_id = await self._find(chunk, api, len(entries), since)
             if chunk.provider_batch_id is not None:
                 await self._event(chunk, "submitted", provider_batch_id=chunk.provider_batch_id,
                                   detail="found at the provider after a restart")
+                self.say(f"batch {chunk.batch_id}: found at {chunk.provider} as {chunk.provider_batch_id} "
+                         f"after a restart ({len(chunk.items):,} requests)")
                 return
         if chunk.file_id is None:
             chunk.file_id = await self._retrying(lambda: api.upload(chunk.batch_id, entries))
@@ -290,16 +292,39 @@ class BatchRunner:
                     raise
                 if not isinstance(err, ConnectFailed):
                     # The create may have reached the provider: find it rather than create another.
-                    found = await self._retrying(
-                        lambda: api.find(chunk.batch_id, len(entries), since, self._claimed(chunk)))
+                    found = await self._find(chunk, api, len(entries), since)
                     if found is not None:
                         chunk.provider_batch_id = found
                         break
                 await self._sleep(min(self.settings.poll_s * 2 ** (attempt - 1), self.settings.poll_max_s))
+        _test_kill("created")
         await self._event(chunk, "submitted", provider_batch_id=chunk.provider_batch_id)
         self.say(f"batch {chunk.batch_id}: submitted to {chunk.provider} as {chunk.provider_batch_id} "
                  f"({len(chunk.items):,} requests)")
         _test_kill("submitted")
+
+    async def _find(self, chunk: Chunk, api: BatchAPI, requests: int, since: dt.datetime) -> str | None:
+        """This chunk's batch at the provider, if a create reached it. While candidates that may be it are
+        still running (Anthropic tells only by their results), wait for them as for any pending batch:
+        polls back off, their status and counts are said when they change, and a candidate seen ended and
+        not ours is not looked at again."""
+        wait = self.settings.poll_s
+        not_ours: set[str] = set()
+        said = None
+        while True:
+            lookup = await self._retrying(
+                lambda: api.find(chunk.batch_id, requests, since, self._claimed(chunk) | not_ours))
+            if lookup.found is not None or not lookup.running:
+                return lookup.found
+            not_ours |= lookup.not_ours
+            running = "; ".join(f"{pid}: {describe(state)}" for pid, state in sorted(lookup.running.items()))
+            if running != said:
+                self.say(f"batch {chunk.batch_id}: looking for it at {chunk.provider}: {len(lookup.running)} "
+                         f"batch(es) of {requests:,} requests that may be it still running ({running}); "
+                         f"waiting for them to end, their results tell")
+                said = running
+            await self._sleep(wait)
+            wait = min(wait * 1.5, self.settings.poll_max_s)
 
     def _claimed(self, chunk: Chunk) -> set[str]:
         """Provider batches other agentkd batches of this run are known to own."""

@@ -12,7 +12,9 @@ per created batch, in order):
   "fail"                OpenAI: the batch fails validation, nothing runs; Anthropic (which has no failed
                         state): every request is `errored` with an api_error;
   "drop_create"         the batch is created and starts, and the create response is cut off, as when
-                        the client dies between sending the create and reading its answer.
+                        the client dies between sending the create and reading its answer;
+  "hold"                the batch stays in progress, running nothing, until it is cancelled (a batch
+                        that is still running for as long as a test needs).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SimBatch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     cancel_requested: bool = False
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)  # set with cancel_requested
 
 
 class SimBatches:
@@ -225,6 +228,7 @@ class SimBatches:
         if batch is None:
             return _json(error_body("openai", 404, "No such batch."), 404)
         batch.cancel_requested = True
+        batch.cancelled.set()
         if batch.api == "openai" and batch.ended_at is None:
             batch.status = "cancelling"
         return _json(self._openai_object(batch) if batch.api == "openai" else self._anthropic_object(batch))
@@ -270,6 +274,8 @@ class SimBatches:
             batch.status, batch.unfinished, batch.ended_at = "failed", "failed", time.time()
             return
         batch.status = "in_progress"
+        if kind == "hold":
+            await batch.cancelled.wait()
         finishing = n if kind not in ("expire", "cancel") else int(n * float(share_text or 0.5))
         rng = self.teacher.rng
         moments = sorted(rng.uniform(0, span) for _ in range(n))
