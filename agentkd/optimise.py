@@ -85,7 +85,7 @@ def optimise(
     then constant LR, grad clipping. Trains `model` in place."""
     if cfg.gradient_checkpointing:
         # recompute activations in backward; non-reentrant, so DDP and a frozen (LoRA) base work
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _activation_checkpointing(model, True)
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -136,7 +136,7 @@ def optimise(
     elapsed = time.perf_counter() - begun
     plain = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     if cfg.gradient_checkpointing:
-        plain.gradient_checkpointing_disable()
+        _activation_checkpointing(plain, False)
     plain.eval()
     accelerator.free_memory()
     tail = losses[-10:]
@@ -146,6 +146,28 @@ def optimise(
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "effective_batch": per_step,
     }
+
+
+def _activation_checkpointing(model: Any, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off. transformers 5.2x renamed the methods
+    (activation_checkpointing_*; the gradient_checkpointing_* names warn and go in v6); earlier 5.x
+    releases have only the old names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def checkpointing_on(model: Any) -> bool:
+    """Whether activation checkpointing is on (either transformers 5.x name), through a DDP wrapper."""
+    plain = extract_model_from_parallel(model)
+    flag = getattr(plain, "is_activation_checkpointing", None)
+    return bool(plain.is_gradient_checkpointing if flag is None else flag)
 
 
 def _sum_over_processes(accelerator: Accelerator, values: list[float]) -> list[float]:

@@ -277,10 +277,8 @@ def test_gradient_accumulation_reaches_the_effective_batch():
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
-    from accelerate.utils import extract_model_from_parallel
-
     from agentkd.config import LoraSection
-    from agentkd.optimise import sft_step
+    from agentkd.optimise import checkpointing_on, sft_step
     from tests.test_train import examples, tiny
 
     exs = examples(16)
@@ -292,7 +290,7 @@ def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
         flags: list[bool] = []
 
         def step(model, batch, flags=flags):
-            flags.append(extract_model_from_parallel(model).is_gradient_checkpointing)
+            flags.append(checkpointing_on(model))
             return sft_step(model, batch)
 
         losses[checkpointing] = []
@@ -300,7 +298,7 @@ def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
                  seed=0, name="t", progress=False,
                  log_metric=lambda n, v, s, out=losses[checkpointing]: out.append(v) if n == "t/loss" else None)
         assert set(flags) == {checkpointing}
-        assert not extract_model_from_parallel(student.model).is_gradient_checkpointing  # off again afterwards
+        assert not checkpointing_on(student.model)  # off again afterwards
     torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-5)
 
 
