@@ -17,7 +17,7 @@ from agentkd.budget import BudgetExhausted
 from agentkd import watch
 from agentkd.config import ConfigError, load_config
 from agentkd.process import freeze_startup_heap
-from agentkd.role_inputs import fields_help
+from agentkd.role_inputs import fields_help, read_role_rows
 from agentkd.replies import UnusableReplies
 from agentkd.roles.template import TemplateError
 from agentkd.store import StoreError, StoreLockedError
@@ -215,10 +215,9 @@ def _overrides_only(overrides: list[str]) -> dict:
 
 def _print_kshot(config, input_path: Path) -> None:
     """The zero-shot saving, measured: both shipped explainer prompts rendered over these rows."""
-    from agentkd.datasets import read_jsonl
     from agentkd.estimate import explainer_prompt_tokens
 
-    rows = read_jsonl(input_path, ("instruction",))
+    rows = read_role_rows(input_path, "explainer", rationale_rate=1.0, task=config.task)  # as teach read them
     tokens = explainer_prompt_tokens(config, [r["instruction"] for r in rows])
     zero, few = tokens["zero_shot"], tokens["six_shot"]
     per_token = config.price(config.role("explainer").model).input_per_mtok / 1e6

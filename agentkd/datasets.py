@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agentkd.config import ConfigError
 
 
-def read_jsonl(path: str | Path, required: Sequence[str], *, fields_hint: str | None = None) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, required: Sequence[str], *, fields_hint: str | None = None,
+               prepare: Callable[[dict[str, Any], str], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a bad line is a ConfigError naming the file and the line number. A line
-    lacking fields names all of them at once (and `fields_hint`, what the caller reads)."""
+    lacking fields names all of them at once (and `fields_hint`, what the caller reads). `prepare(row,
+    "file:line")` may derive fields before they are checked (and raise a ConfigError naming the line)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -46,6 +48,8 @@ def read_jsonl(path: str | Path, required: Sequence[str], *, fields_hint: str | 
             if lacking:
                 break
             raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if prepare is not None:
+            row = prepare(row, f"{path}:{number}")
         problems = [f"field {name!r} is {'missing' if name not in row else 'not a non-empty string'}"
                     for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
         if problems:

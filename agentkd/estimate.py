@@ -19,7 +19,7 @@ from agentkd.roles.requests import RolePrompts
 from agentkd.roles.template import builtin_prompts_dir
 from agentkd.store import Store
 from agentkd.roles.calls import rationale_selected
-from agentkd.role_inputs import check_rationale_rate, read_role_rows
+from agentkd.role_inputs import check_rationale_rate, read_role_rows, row_options
 from agentkd.teach import generator_prompt
 from agentkd.teachers.base import TeacherRequest
 from agentkd.tokens import estimate_prompt
@@ -34,7 +34,8 @@ def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: flo
         gold = row.get("label") if isinstance(row.get("label"), str) else None
         if gold is not None:
             return [prompts.explain_given_label(text, gold)]
-        return [prompts.explain(text, with_rationale=rationale_selected(text, rationale_rate))]
+        return [prompts.explain(text, with_rationale=rationale_selected(text, rationale_rate),
+                                options=row_options(row, prompts.task.kind))]
     if role == "referee":  # both orders; a re-ask after an unparseable judgment is not counted
         return [prompts.judge(text, row["teacher_answer"], row["student_answer"]),
                 prompts.judge(text, row["student_answer"], row["teacher_answer"])]
@@ -47,7 +48,7 @@ def estimate(config: RunConfig, *, role: str, input_path: Path | None, rationale
     if input_path is None:
         return "\n".join([_loop_estimate(config), *_budget_lines(config, _stored(config)[1], None)])
     prompts = RolePrompts(config)
-    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate)  # exactly what teach accepts
+    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate, task=config.task)  # what teach accepts
     stored, prior = _stored(config)
     calls = cached = input_tokens = max_output = 0
     costs = CostColumns()

@@ -1,7 +1,10 @@
 """What each role reads from a `teach`/`estimate --input` JSONL row: one table, shown by `teach --help`,
 named in every missing-field error, and checked the same way by both commands.
 
-Fields not listed here are carried to the output row unchanged.
+Fields not listed here are carried to the output row unchanged. A label task with structured items
+(task.input_fields, e.g. premise + hypothesis, or question + options) may give those fields instead of
+`instruction`: the instruction is then the item rendered exactly as the loop renders it (items.render),
+and a multiple-choice row's options reach the explainer's labels block and its parser.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkd.config import ConfigError
+from agentkd.config import ConfigError, TaskSection
 from agentkd.datasets import read_jsonl
 
 
@@ -28,7 +31,7 @@ class RoleInput:
 ROLE_INPUTS: dict[str, RoleInput] = {
     "answerer": RoleInput(required=(("instruction", "the task the teacher answers"),)),
     "explainer": RoleInput(
-        required=(("instruction", "the text to label ([task] sets the labels)"),),
+        required=(("instruction", "the text to label ([task] sets the labels; or task.input_fields)"),),
         optional=(("label", "a gold label: the teacher writes the rationale for it instead of choosing one"),),
     ),
     "referee": RoleInput(required=(
@@ -58,9 +61,37 @@ def check_rationale_rate(rate: float) -> None:
         raise ConfigError(f"--rationale-rate {rate}: must be between 0 and 1")
 
 
-def read_role_rows(path: Path, role: str, *, rationale_rate: float) -> list[dict[str, Any]]:
+def read_role_rows(path: Path, role: str, *, rationale_rate: float,
+                   task: TaskSection | None = None) -> list[dict[str, Any]]:
     """The input rows of `teach`/`estimate --role role`, every line checked before anything is sent;
-    both commands call this, so they accept and refuse the same input."""
+    both commands call this, so they accept and refuse the same input. With a structured `task`, a row
+    without `instruction` gets it rendered from its task.input_fields (checked, naming file and line)."""
     check_rationale_rate(rationale_rate)
     spec = ROLE_INPUTS[role]
-    return read_jsonl(path, [name for name, _ in spec.required], fields_hint=spec.summary(role))
+    prepare = _instruction_from_fields(task) if task is not None else None
+    return read_jsonl(path, [name for name, _ in spec.required], fields_hint=spec.summary(role), prepare=prepare)
+
+
+def _instruction_from_fields(task: TaskSection):
+    from agentkd.items import fields_of_row, item_schema, render
+
+    schema = item_schema(task)
+    if not schema.structured:
+        return None
+
+    def prepare(row: dict[str, Any], where: str) -> dict[str, Any]:
+        if not any(name in row for name in schema.fields if name != "instruction"):
+            return row  # a plain instruction row (a missing one is reported with the other missing fields)
+        fields = fields_of_row(row, schema, where)  # given any of them, all must be right (options included)
+        if isinstance(row.get("instruction"), str) and row["instruction"].strip():
+            return row
+        return {**row, "instruction": render(fields, schema)}
+
+    return prepare
+
+
+def row_options(row: dict[str, Any], task_kind: str) -> list[str] | None:
+    """A multiple-choice row's options (checked by read_role_rows with the task's input fields), for the
+    explainer's labels block and parser; None for any other row."""
+    options = row.get("options")
+    return [str(o) for o in options] if task_kind == "multiple_choice" and isinstance(options, list) else None

@@ -26,7 +26,7 @@ from agentkd.dedup import InstructionIndex, instruction_id
 from agentkd.ledger import spend_text
 from agentkd.role_rows import GeneratedIntake, judgment_rows
 from agentkd.roles import calls
-from agentkd.role_inputs import read_role_rows
+from agentkd.role_inputs import read_role_rows, row_options
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.terminal import plain_console
@@ -100,8 +100,8 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
         async def handle(row):
             gold = row.get("label") if isinstance(row.get("label"), str) else None
             with_rationale = gold is not None or rationale_selected(row["instruction"], rationale_rate)
-            explanation, c = await calls.explain(gateway, prompts, row["instruction"],
-                                                 with_rationale=with_rationale, gold_label=gold)
+            explanation, c = await calls.explain(gateway, prompts, row["instruction"], with_rationale=with_rationale,
+                                                 gold_label=gold, options=row_options(row, prompts.task.kind))
             account(c)
             summary.parse_failures += explanation.label is None
             session.store.enqueue("rationales", [{
@@ -162,7 +162,8 @@ def _handlers(session: TeacherSession, summary: TeachSummary, rows: list[dict[st
 async def teach(config: RunConfig, role: str, input_path: Path, output_path: Path, *,
                 rationale_rate: float = 1.0, mode: str = "hard", show_progress: bool = True,
                 console: Console | None = None) -> TeachSummary:
-    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate)  # every line checked before any call
+    # every line checked before any call
+    rows = read_role_rows(input_path, role, rationale_rate=rationale_rate, task=config.task)
     summary = TeachSummary(role=role, total=len(rows))
     results: dict[int, dict[str, Any]] = {}
     started = time.monotonic()

@@ -152,3 +152,40 @@ def test_label_task_with_the_referee_judges_labels_in_both_orders(tmp_path):
         assert store.query("SELECT value FROM metrics WHERE name = 'capability_ratio' AND iteration = 1")
     finally:
         store.close_sync()
+
+
+def test_teach_explainer_reads_multiple_choice_fields_and_sends_their_options(tmp_path, capsys):
+    """teach/estimate on a label task: rows may give task.input_fields instead of `instruction`; the item is
+    rendered as the loop renders it and a multiple-choice row's options reach the labels block."""
+    from agentkd.teachers.sim.label_world import sample_items
+
+    items = sample_items("multiple_choice", 12, seed=4)
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({**i.fields, "id": n}) + "\n" for n, i in enumerate(items)))
+    config = tmp_path / "mc.toml"
+    config.write_text(MC_CONFIG.format(runs=tmp_path))
+    assert main(["estimate", str(config), "--role", "explainer", "--input", str(data)]) == 0
+    assert "12" in capsys.readouterr().out
+    out = tmp_path / "labels.jsonl"
+    assert main(["teach", str(config), "--role", "explainer", "--input", str(data), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(12))  # the input's own fields come back, in order
+    assert all(r["instruction"] == i.text for r, i in zip(rows, items, strict=True))
+    right = sum(r["label"] == i.label for r, i in zip(rows, items, strict=True))
+    assert right >= 10  # error_rate 0: the sim labels the item it was shown
+    store = _store(tmp_path / "mc")
+    try:
+        for (request_json,) in store.query("SELECT request_json FROM calls WHERE role = 'explainer'"):
+            user = json.loads(request_json)["messages"][-1]["content"]
+            text = user.split('<data name="input">\n', 1)[1].split("\n</data>", 1)[0]
+            (item,) = [i for i in items if i.text == text]
+            listing = "\n".join(f"{letter}) {o}" for letter, o in zip("abcde", item.fields["options"]))
+            assert f'<data name="labels">\n{listing}\n</data>' in user
+    finally:
+        store.close_sync()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(items[0].fields) + "\n" + json.dumps({**items[1].fields, "options": ["only one"]}) + "\n")
+    assert main(["teach", str(config), "--role", "explainer", "--input", str(bad), "--output",
+                 str(tmp_path / "bad_out.jsonl"), "--no-progress"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
