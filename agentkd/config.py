@@ -370,7 +370,12 @@ class TrainSection(Section):
         "accelerate", description="What runs the train and proxy stages when num_processes > 1: accelerate launch or torchrun."
     )
     launcher_args: list[str] = Field(
-        default_factory=list, description="Extra launcher arguments, e.g. [\"--config_file\", \"fsdp.yaml\"].",
+        default_factory=list, description="Extra launcher arguments, e.g. [\"--gpu_ids\", \"0,1\"].",
+    )
+    fsdp: bool = Field(
+        False, description="More than one process: shard the student with torch FSDP2 (each decoder layer, then "
+        "the root; bf16 compute with fp32 gradient reduction on CUDA) instead of DDP, and gather it whole for the "
+        "checkpoint. One process: no effect. The proxy is not sharded.",
     )
 
 

@@ -9,6 +9,13 @@ group of `processes` micro-batches. So every process gets a full micro-batch at 
 at the same step, and one process with accumulation a x p sees exactly the same rows per step as p
 processes with accumulation a. accelerate wraps the model in DDP and averages gradients; the logged
 loss is the mean over processes and micro-batches; only the main process logs and shows progress.
+
+train.fsdp = true (the student, more than one process): instead of DDP the model is sharded with
+torch's FSDP2 fully_shard (fsdp.py: each decoder layer, then the root; each process holds 1/world of
+the weights, gradients and AdamW state), is not passed to accelerator.prepare (only the optimiser, made
+after sharding), skips the gradient reduce-scatter on all but the last micro-batch of a step
+(set_requires_gradient_sync), and clips the norm over the sharded (DTensor) gradients. The same rows
+reach the same micro-batches, so the loss curve is DDP's. accelerate's own --use_fsdp is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -27,6 +35,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from agentkd import objectives as obj
 from agentkd.config import ConfigError, TrainSection
+from agentkd.fsdp import full_state_dict, shard_model
 from agentkd.train_data import EncodedRow, collate
 
 LogMetric = Callable[[str, float, int], None]
@@ -38,10 +47,11 @@ def make_accelerator(cfg: TrainSection) -> Accelerator:
     machine without CUDA it is told so (cpu=True): under torchrun / `accelerate launch` that is what
     makes it join the gloo process group (MULTI_CPU) instead of running each process alone."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # accelerate picks FSDP only on GPU process groups (on CPU it would quietly be DDP), and the
-        # checkpoint, decoding and target code here read whole, unsharded weights: untested, so refused
-        raise ConfigError("train.launcher_args: FSDP is not supported by agentkd's trainer yet (DDP is: drop "
-                          "--use_fsdp / the FSDP accelerate config)")
+        # accelerate picks FSDP only on GPU process groups (on CPU it would quietly be DDP) and would
+        # wrap the model its own way; the trainer shards the student itself (fsdp.py)
+        raise ConfigError("train.launcher_args: accelerate's own FSDP (--use_fsdp / an FSDP accelerate config) is "
+                          "not used by agentkd's trainer: drop it and set train.fsdp = true (torch FSDP2 over "
+                          "the launched processes)")
     cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
@@ -79,20 +89,34 @@ def optimise(
     max_steps: int | None = None,
     log_metric: LogMetric | None,
     progress: bool,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """`epochs` passes over `rows` (a fraction allowed; rows may be a lazy Sequence), at most max_steps
     optimiser steps, or until max_seconds of wall clock, whichever comes first. AdamW, linear warm-up
-    then constant LR, grad clipping. Trains `model` in place."""
+    then constant LR, grad clipping. Trains `model` in place.
+
+    fsdp (train.fsdp, for the student) with more than one process: the model is sharded with torch's
+    FSDP2 (fsdp.py) rather than wrapped in DDP, and stays sharded; the returned "state_dict" holds its
+    full weights on the main process (gathered by every process), for the checkpoint. One process: no-op."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sharded = fsdp and world > 1
     if cfg.gradient_checkpointing:
         # recompute activations in backward; non-reentrant, so DDP and a frozen (LoRA) base work
         _activation_checkpointing(model, True)
+    if sharded:  # before the optimiser: it must step the shards
+        layers = shard_model(model, accelerator.device, world, bf16=accelerator.mixed_precision == "bf16")
+        if accelerator.is_main_process:
+            print(f"{name}: FSDP2, {layers} layers and the root sharded over {world} processes", file=sys.stderr,
+                  flush=True)
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # the model is not prepared: accelerate would wrap it in DDP
+        wrapped, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     bs, accum = cfg.batch_size, accumulation_steps(cfg, world)
     per_step = bs * world * accum  # examples per optimiser step, over all processes
     total_steps = max(1, math.ceil(epochs * len(rows) / per_step))
@@ -110,7 +134,9 @@ def optimise(
                 mine = drawn[(j * world + rank) * bs :][:bs]
                 batch = [rows[i] for i in mine]
                 # gradients are averaged across processes only on the last micro-batch of the step
-                with accelerator.no_sync(wrapped) if j < accum - 1 else nullcontext():
+                if sharded:
+                    wrapped.set_requires_gradient_sync(j == accum - 1)
+                with accelerator.no_sync(wrapped) if j < accum - 1 and not sharded else nullcontext():
                     with accelerator.autocast():
                         loss, n = step_loss(wrapped, batch)
                     accelerator.backward(loss / accum)
@@ -134,18 +160,21 @@ def optimise(
                 log_metric(f"{name}/loss", losses[-1], step)
                 log_metric(f"{name}/tokens_per_s", rate, step)
     elapsed = time.perf_counter() - begun
-    plain = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    plain = model if sharded else accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     if cfg.gradient_checkpointing:
         _activation_checkpointing(plain, False)
     plain.eval()
     accelerator.free_memory()
     tail = losses[-10:]
-    return {
+    stats: dict[str, Any] = {
         "steps": step,
         "final_loss": sum(tail) / len(tail) if tail else float("nan"),
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "effective_batch": per_step,
     }
+    if sharded:  # a collective: every process gathers, the main one keeps the weights
+        stats["state_dict"] = full_state_dict(model)
+    return stats
 
 
 def _activation_checkpointing(model: Any, on: bool) -> None:

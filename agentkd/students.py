@@ -188,9 +188,11 @@ def is_lora(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_checkpoint(student: Student, path: Path, *, task: Task = "answer") -> None:
+def save_checkpoint(student: Student, path: Path, *, task: Task = "answer",
+                    state_dict: dict[str, Any] | None = None) -> None:
     """Write a folder that AutoModelForCausalLM (full model) or peft PeftModel (LoRA) loads alone; its
-    tokenizer carries the student's prompt format for `task` as its chat template."""
+    tokenizer carries the student's prompt format for `task` as its chat template. `state_dict`: the
+    model's full weights when the live model holds only a shard of them (train.fsdp)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     student.tokenizer.chat_template = chat_template(task)
@@ -198,24 +200,27 @@ def save_checkpoint(student: Student, path: Path, *, task: Task = "answer") -> N
     if is_lora(model):
         if student.spec.kind == "from_config":
             base_dir = path / "base"
-            _plain_base(model).save_pretrained(base_dir)
+            _plain_base(model, state_dict).save_pretrained(base_dir)
             student.tokenizer.save_pretrained(base_dir)
             base_ref = str(base_dir.resolve())
         else:
             base_ref = str(student.spec.name_or_path)
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_ref
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     student.tokenizer.save_pretrained(path)
     (path / SPEC_FILE).write_text(json.dumps(student.spec.model_dump(mode="json"), indent=2) + "\n")
 
 
-def _plain_base(peft_model: Any) -> Any:
-    """The base model without LoRA layers, as a separate copy (the live adapter is left untouched)."""
+def _plain_base(peft_model: Any, full: dict[str, Any] | None = None) -> Any:
+    """The base model without LoRA layers, as a separate copy (the live adapter is left untouched).
+    `full`: the peft model's whole state dict, when the live one is sharded."""
     base = peft_model.get_base_model()
+    prefix = "base_model.model."  # peft's keys for the base model's own
+    source = base.state_dict() if full is None else {k.removeprefix(prefix): v for k, v in full.items()}
     state = {
         key.replace(".base_layer.", "."): value
-        for key, value in base.state_dict().items()
+        for key, value in source.items()
         if "lora_" not in key
     }
     plain = type(base)(base.config)

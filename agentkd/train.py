@@ -10,7 +10,8 @@ answers, kept across iterations). Every example gives the student its NLL term; 
 only on examples of the proxy's "kd" role, the answers the proxy never trained on (see proxy.py).
 
 Several processes: the same code runs under `accelerate launch -m agentkd.cli train ...` or torchrun
-(optimise.py shards the batches; accelerate wraps the model in DDP and averages gradients). KD targets
+(optimise.py shards the batches; accelerate wraps the model in DDP and averages gradients, or with
+train.fsdp the student is sharded with torch FSDP2 and gathered whole for the checkpoint). KD targets
 given a `targets_dir` are built in shards split across the processes and streamed from disk by all of
 them (kd_targets.py); only the main process writes the checkpoint and shows progress.
 """
@@ -119,12 +120,14 @@ def train(
     stats = optimise(
         student.model, rows, step_loss, cfg, accelerator,
         pad_id=tok.pad_token_id, epochs=cfg.epochs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
-        seed=seed, name="train", log_metric=log_metric, progress=progress,
+        seed=seed, name="train", log_metric=log_metric, progress=progress, fsdp=cfg.fsdp,
     )
     out_dir = Path(out_dir)
     if accelerator.is_main_process:
-        # a rationale-trained student answers through its label task ("predict: "), as the loop decodes it
-        save_checkpoint(student, out_dir, task="predict" if cfg.objective == "rationale" else "answer")
+        # a rationale-trained student answers through its label task ("predict: "), as the loop decodes it;
+        # sharded (train.fsdp): the weights optimise gathered
+        save_checkpoint(student, out_dir, task="predict" if cfg.objective == "rationale" else "answer",
+                        state_dict=stats.get("state_dict"))
     accelerator.wait_for_everyone()
     return TrainResult(
         checkpoint=out_dir, steps=stats["steps"], examples=len(rows), final_loss=stats["final_loss"],
@@ -154,7 +157,7 @@ def _kd_rows(examples: Sequence[TrainingExample], cfg: TrainSection) -> list[int
 # only changes these reuses the targets on disk.
 _TRAINING_ONLY = {"lr", "weight_decay", "warmup_steps", "epochs", "max_seconds", "max_steps", "batch_size",
                   "grad_clip", "log_every", "cpu_threads", "student_temperature", "max_new_tokens", "lora",
-                  "gradient_checkpointing", "effective_batch", "num_processes", "launcher", "launcher_args",
+                  "gradient_checkpointing", "effective_batch", "num_processes", "launcher", "launcher_args", "fsdp",
                   "target_shard_rows", "target_chunk_logits"}
 
 

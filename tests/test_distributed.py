@@ -366,7 +366,91 @@ def test_bf16_runs_the_student_and_the_kd_targets_q_alike_in_bf16_autocast(tmp_p
     torch.testing.assert_close(bf16["losses"], fp32["losses"], rtol=0.05, atol=0)  # bf16 rounding, same training
 
 
-def test_an_fsdp_launch_is_refused_rather_than_quietly_run_as_ddp(monkeypatch):
+def test_accelerates_own_fsdp_is_refused_rather_than_quietly_run_as_ddp(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
-    with pytest.raises(ConfigError, match="FSDP is not supported"):
+    with pytest.raises(ConfigError, match="set train.fsdp = true"):
         make_accelerator(TrainSection())
+
+
+@pytest.mark.slow
+def test_two_processes_with_train_fsdp_shard_the_student_match_one_process_and_save_a_whole_checkpoint(taught, tmp_path):
+    one = _copy_run(taught, tmp_path, "one")
+    assert main(["train", str(one), "--objective", "sft"]) == 0  # in this process: accumulation 2 x 4 rows
+    sharded = _copy_run(taught, tmp_path, "sharded")
+    sharded.write_text(sharded.read_text() + "fsdp = true\n")
+    for iteration, (objective, launcher) in enumerate((("sft", "accelerate"), ("proxy_kd", "torchrun")), start=1):
+        done = _launch(sharded, objective, launcher=launcher)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.stdout.count("trained 40 examples") == 1, done.stdout
+        assert done.stderr.count("train: FSDP2, 4 layers and the root sharded over 2 processes") == 1, done.stderr
+        checkpoint = load_config(sharded).run_dir / "checkpoints" / str(iteration)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)  # transformers alone: whole, unsharded weights
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits).all()
+        if iteration == 1:
+            trained = model
+    reference, launched = _losses(one, 1), _losses(sharded, 1)
+    assert len(reference) == len(launched) == 5
+    gap = max(abs(a - b) for a, b in zip(reference, launched, strict=True))
+    print(f"sft loss per step, 1 process: {reference}\nFSDP, 2 processes: {launched}\nlargest gap {gap:.2e}")
+    assert gap <= LOSS_TOLERANCE
+    # the gathered checkpoint is the trained model: the same weights as the 1-process run's, to float noise
+    alone = AutoModelForCausalLM.from_pretrained(load_config(one).run_dir / "checkpoints" / "1")
+    for (name, a), b in zip(alone.state_dict().items(), trained.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+    store = Store(load_config(sharded).run_dir / "agentkd.duckdb", read_only=True)
+    try:
+        assert store.query("SELECT iteration, objective, steps FROM train_runs ORDER BY iteration") == [
+            (1, "sft", 5), (2, "proxy_kd", 5)]
+        assert store.query("SELECT kd_examples > 0 FROM train_runs WHERE iteration = 2") == [(True,)]
+    finally:
+        store.close_sync()
+
+
+LORA_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from agentkd.config import LoraSection, TrainSection
+from agentkd.train import train
+from tests.test_train import examples, tiny
+
+exs = examples(16)
+student = tiny(exs, lora=LoraSection(enabled=True, r=4))
+cfg = TrainSection(batch_size=4, effective_batch=8, warmup_steps=0, lr=3e-3, log_every=1, max_len=96, max_steps=3,
+                   fsdp=True)
+losses = []
+train(student, exs, cfg, out_dir=sys.argv[1], progress=False,
+      log_metric=lambda n, v, s: losses.append(v) if n == "train/loss" else None)
+if not dist.is_initialized() or dist.get_rank() == 0:
+    print(json.dumps(losses))
+"""
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_trains_the_adapter_on_a_sharded_frozen_base_like_one_process(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    script = tmp_path / "lora.py"
+    script.write_text(LORA_SCRIPT.format(root=str(ROOT)))
+    runs = {"one": [sys.executable, str(script)],  # train.fsdp with one process: no effect
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]}
+    losses = {}
+    for name, command in runs.items():
+        done = subprocess.run([*command, str(tmp_path / name)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("FSDP2, 4 layers and the root sharded over 2 processes" in done.stderr) == (name == "two")
+        losses[name] = json.loads(done.stdout.splitlines()[-1])
+    assert len(losses["one"]) == 3 and losses["one"][-1] < losses["one"][0]
+    torch.testing.assert_close(losses["two"], losses["one"], rtol=0, atol=LOSS_TOLERANCE)
+    for part in ("adapter_model.safetensors", "base/model.safetensors"):  # the adapter trained, the base whole
+        alone, sharded = load_file(tmp_path / "one" / part), load_file(tmp_path / "two" / part)
+        assert alone.keys() == sharded.keys()
+        for key, value in alone.items():
+            torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-5, msg=key)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "base")
+    model = PeftModel.from_pretrained(base, tmp_path / "two")  # transformers + peft alone
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits).all()
