@@ -418,7 +418,7 @@ from tests.test_train import examples, tiny
 exs = examples(16)
 student = tiny(exs, lora=LoraSection(enabled=True, r=4))
 cfg = TrainSection(batch_size=4, effective_batch=8, warmup_steps=0, lr=3e-3, log_every=1, max_len=96, max_steps=3,
-                   fsdp=True)
+                   fsdp=True, gradient_checkpointing=True)  # checkpointing inside the sharded layers too
 losses = []
 train(student, exs, cfg, out_dir=sys.argv[1], progress=False,
       log_metric=lambda n, v, s: losses.append(v) if n == "train/loss" else None)
@@ -428,7 +428,7 @@ if not dist.is_initialized() or dist.get_rank() == 0:
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_trains_the_adapter_on_a_sharded_frozen_base_like_one_process(tmp_path):
+def test_lora_and_checkpointing_under_fsdp_train_the_adapter_on_a_sharded_frozen_base_like_one_process(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
