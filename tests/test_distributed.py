@@ -417,8 +417,10 @@ from tests.test_train import examples, tiny
 
 exs = examples(16)
 student = tiny(exs, lora=LoraSection(enabled=True, r=4))
-cfg = TrainSection(batch_size=4, effective_batch=8, warmup_steps=0, lr=3e-3, log_every=1, max_len=96, max_steps=3,
-                   fsdp=True, gradient_checkpointing=True)  # checkpointing inside the sharded layers too
+# 2 processes accumulate 2 micro-batches (the gradient reduce-scatter skipped on the first), 1 process 4;
+# activation checkpointing inside the sharded layers
+cfg = TrainSection(batch_size=4, effective_batch=16, warmup_steps=0, lr=3e-3, log_every=1, max_len=96, max_steps=3,
+                   fsdp=True, gradient_checkpointing=True)
 losses = []
 train(student, exs, cfg, out_dir=sys.argv[1], progress=False,
       log_metric=lambda n, v, s: losses.append(v) if n == "train/loss" else None)
