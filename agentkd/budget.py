@@ -80,6 +80,8 @@ class Budget:
         self.held_calls = 0
         self.adopted_usd = 0.0  # pending batch requests of earlier sessions this one holds (adopt())
         self.adopted_calls = 0
+        self.batch_settled_usd = 0.0  # batch results this session settled (part of settled_*)
+        self.batch_settled_tokens = 0
         self.restored_usd = 0.0  # what earlier sessions spent (part of settled_*)
         self.restored_tokens = 0
         self._ids = itertools.count()
@@ -150,7 +152,10 @@ class Budget:
     def settle_held(self, reservation: Reservation, usage: Usage | None) -> tuple[float, int]:
         """A batch request's result: at its usage, or (None: billed but unreadable) its whole hold."""
         self.unhold(reservation)
-        return self._charge(reservation, usage, batch=True)
+        usd, tokens = self._charge(reservation, usage, batch=True)
+        self.batch_settled_usd += usd
+        self.batch_settled_tokens += tokens
+        return usd, tokens
 
     def unhold(self, reservation: Reservation) -> None:
         """The request was not processed (expired, cancelled, errored, or never submitted): nothing billed."""

@@ -12,6 +12,14 @@ A clean end writes a `close` row. On resume, a session without one counts at its
 level (at its settled rows, if those are more): the worst case of the calls it had in flight plus
 at most `high`, whatever max_concurrency is.
 
+Batch requests (batches/runner.py) are outside the cover. From before their batch is uploaded until
+their result settles, their durable record is their `queued` row (worst case at the batch price), and
+pending_batch_spend counts them; their settle rows count as settled and move no level. So what a crash
+adds beyond the settled rows is the online calls in flight plus at most `high` (per session: its
+level minus its online settles), and the worst case of each batch request still pending, however many
+results the session had settled. A session that only settled batch results wrote no level and is not
+counted as interrupted: it had nothing in flight that its rows do not name.
+
 Per capped dimension, with w the session's largest worst case and M = max(2w, 1% of the cap) the
 margin a crash may cost beyond the calls in flight: high = M - w, target = high / 2, low = high / 4.
 The w left over is for the one window inherent to any record written before a send: a call whose
@@ -51,10 +59,11 @@ class SpendCover:
         self._bands = self.bands()  # recomputed when the largest worst case grows
 
     def _exposure(self) -> tuple[float, int]:
-        """What this session has spent or may be spending now."""
+        """What this session has spent or may be spending now on online calls (batch results settle
+        outside the cover: see the module docstring)."""
         b = self.budget
-        return (b.settled_usd + b.reserved_usd - b.restored_usd,
-                b.settled_tokens + b.reserved_tokens - b.restored_tokens)
+        return (b.settled_usd + b.reserved_usd - b.restored_usd - b.batch_settled_usd,
+                b.settled_tokens + b.reserved_tokens - b.restored_tokens - b.batch_settled_tokens)
 
     def bands(self) -> tuple[Band, Band]:
         """The unused room a level may keep, in USD and in tokens."""
@@ -63,14 +72,17 @@ class SpendCover:
                 _band(b.cap_tokens, worst_tokens, self.max_concurrency))
 
     def _wanted(self, usd: float, tokens: int) -> tuple[float, int]:
-        """Exposure + target room, never past what the cap leaves this session (never below the exposure)."""
+        """Exposure + target room, never past what the cap leaves online calls (never below the exposure):
+        earlier sessions, this one's settled batch results and its held batch requests count apart."""
         b = self.budget
         band_usd, band_tokens = self._bands
         want_usd, want_tokens = usd + band_usd[1], tokens + int(band_tokens[1])
         if b.cap_usd is not None:
-            want_usd = max(usd, min(want_usd, b.cap_usd - b.restored_usd))
+            left = b.cap_usd - b.restored_usd - b.batch_settled_usd - b.held_usd
+            want_usd = max(usd, min(want_usd, left))
         if b.cap_tokens is not None:
-            want_tokens = max(tokens, min(want_tokens, b.cap_tokens - b.restored_tokens))
+            left_tokens = b.cap_tokens - b.restored_tokens - b.batch_settled_tokens - b.held_tokens
+            want_tokens = max(tokens, min(want_tokens, left_tokens))
         return want_usd, want_tokens
 
     def _next_level(self, usd: float, tokens: int) -> tuple[float, int] | None:
@@ -85,15 +97,11 @@ class SpendCover:
         lower = slack_usd > high_usd + EPS or slack_tokens > high_tokens
         return want if raise_ or lower else None
 
-    def widen(self, worst_usd: float, worst_tokens: int) -> None:
-        """Take a worst case into the band (a batch request's, whose settle rows go through record())."""
+    async def cover(self, worst_usd: float, worst_tokens: int) -> None:
+        """Return once a committed level covers this session's exposure (the caller's reservation included)."""
         if worst_usd > self._worst[0] or worst_tokens > self._worst[1]:
             self._worst = (max(worst_usd, self._worst[0]), max(worst_tokens, self._worst[1]))
             self._bands = self.bands()
-
-    async def cover(self, worst_usd: float, worst_tokens: int) -> None:
-        """Return once a committed level covers this session's exposure (the caller's reservation included)."""
-        self.widen(worst_usd, worst_tokens)
         mine = self._exposure()
         level = self._next_level(*mine)
         if level is not None:
@@ -203,23 +211,33 @@ class PriorSpend(NamedTuple):
 
 def prior_spend(store: Store) -> PriorSpend:
     """Settled rows of every session, plus for a session that never closed what its last committed
-    cover (or, in files from earlier versions, its blocks) allowed beyond them.
+    cover (or, in files from earlier versions, its blocks) allowed beyond its online settles; and the
+    batch requests still pending (pending_batch_spend).
+
+    A batch result's settle row (its reservation id is a batch custom_id) counts as settled and is no
+    part of the cover. Files written while batch settles raised the cover count those settles again
+    beyond it after a crash: the safe side.
 
     Rows without a session come from files written before blocks existed: there every reservation
     row was durable before its call, and one never settled counts at its worst case.
     """
     sessions = store.query(
         """
-        SELECT coalesce(sum(usd) FILTER (WHERE event = 'settle'), 0),
-               coalesce(sum(tokens) FILTER (WHERE event = 'settle'), 0),
-               coalesce(arg_max(usd, created_at) FILTER (WHERE event = 'cover'),
-                        sum(usd) FILTER (WHERE event = 'block'), 0),
-               coalesce(arg_max(tokens, created_at) FILTER (WHERE event = 'cover'),
-                        sum(tokens) FILTER (WHERE event = 'block'), 0),
-               bool_or(event = 'close'),
-               bool_or(event = 'cover'),
-               arg_max(in_flight, created_at) FILTER (WHERE in_flight IS NOT NULL)
-        FROM reservations WHERE session IS NOT NULL GROUP BY session
+        WITH batch_ids AS (SELECT DISTINCT custom_id FROM batch_requests WHERE event = 'queued')
+        SELECT coalesce(sum(r.usd) FILTER (WHERE r.event = 'settle'), 0),
+               coalesce(sum(r.tokens) FILTER (WHERE r.event = 'settle'), 0),
+               coalesce(sum(r.usd) FILTER (WHERE r.event = 'settle' AND b.custom_id IS NULL), 0),
+               coalesce(sum(r.tokens) FILTER (WHERE r.event = 'settle' AND b.custom_id IS NULL), 0),
+               coalesce(arg_max(r.usd, r.created_at) FILTER (WHERE r.event = 'cover'),
+                        sum(r.usd) FILTER (WHERE r.event = 'block'), 0),
+               coalesce(arg_max(r.tokens, r.created_at) FILTER (WHERE r.event = 'cover'),
+                        sum(r.tokens) FILTER (WHERE r.event = 'block'), 0),
+               bool_or(r.event = 'close'),
+               bool_or(r.event = 'cover'),
+               bool_or(r.event IN ('cover', 'block')),
+               arg_max(r.in_flight, r.created_at) FILTER (WHERE r.in_flight IS NOT NULL)
+        FROM reservations r LEFT JOIN batch_ids b ON b.custom_id = r.reservation_id
+        WHERE r.session IS NOT NULL GROUP BY r.session
         """
     )
     legacy = store.query(
@@ -240,14 +258,14 @@ def prior_spend(store: Store) -> PriorSpend:
     interrupted = 1 if legacy[4] else 0
     in_flight: int | None = int(legacy[4])
     batch_usd, batch_tokens, batch_requests = pending_batch_spend(store)
-    for s_usd, s_tokens, c_usd, c_tokens, closed, has_cover, last_in_flight in sessions:
+    for s_usd, s_tokens, o_usd, o_tokens, c_usd, c_tokens, closed, has_cover, covered, last_in_flight in sessions:
         settled_usd += float(s_usd)
         settled_tokens += int(s_tokens)
-        if closed:
-            continue
+        if closed or not covered:
+            continue  # closed, or batch results only: no online call of it can have been in flight
         interrupted += 1
-        unsettled_usd += max(float(c_usd) - float(s_usd), 0.0)
-        unsettled_tokens += max(int(c_tokens) - int(s_tokens), 0)
+        unsettled_usd += max(float(c_usd) - float(o_usd), 0.0)
+        unsettled_tokens += max(int(c_tokens) - int(o_tokens), 0)
         if not has_cover or in_flight is None:
             in_flight = None  # a block session: nothing says how many calls it had in flight
         else:
@@ -258,6 +276,12 @@ def prior_spend(store: Store) -> PriorSpend:
 
 def pending_batch_spend(store: Store) -> tuple[float, int, int]:
     """Worst cases of batch requests queued and neither closed (done, requeued, failed) nor settled.
+
+    Such a request is possibly billed: the provider may run its batch after a crash, whether or not
+    agentkd comes back for it. So it counts at its worst case until a session settles its result, not
+    in any session's cover: a resumed run that finds the batch holds the request again (Budget.adopt,
+    shown as held, no longer as pending) and settles it at its usage, or frees it when the batch ended
+    without it. Once settled it is spend like any other; its worst case no longer counts anywhere.
 
     A request's settle row is written before its `done` row, and its reservation id is its custom_id,
     so a crash between the two counts it once, as settled."""

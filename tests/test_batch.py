@@ -138,6 +138,56 @@ def test_kill9_after_submission_resumes_without_submitting_twice(tmp_path, provi
     assert len(out.read_text().splitlines()) == 20
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_kill9_once_results_are_settled_counts_only_the_pending_batch(tmp_path, provider):
+    """The first batch expires half done: its 3 answers are settled, its 3 others go into a second batch,
+    which the sim holds. kill -9 once that batch is at the provider: nothing is in flight online and the
+    only spend not settled is the held batch's 3 requests. The resumed run must count the settled results
+    as settled and nothing as possibly billed by the killed session (issue 13: what was outstanding, plus
+    a margin for online calls only), and the held batch at its worst case until its results settle."""
+    settings = SimSection(batch_time_scale=1e-4, batch_faults=["expire:0.5", "hold"])
+    with sim_in_thread(settings) as sim:
+        config, data, out = write_run(tmp_path, provider, sim.base_url, rows=6)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen(teach_cmd(config, data, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(sim.stats()["batches"]) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, err
+        first, held = sim.stats()["batches"]
+        assert first["results"] == 6 and held["requests"] == 3 and held["results"] == 0
+        store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+        try:
+            prior = prior_spend(store)
+            settled = store.query("SELECT sum(cost_usd), count(*) FROM calls WHERE status = 'ok'")[0]
+            held_worst = store.query("SELECT sum(reserved_usd) FROM batch_requests WHERE event = 'queued' "
+                                     "AND custom_id IN (SELECT unnest(?::VARCHAR[]))", [held["custom_ids"]])[0][0]
+        finally:
+            store.close_sync()
+        assert settled[1] == 3 and prior.settled_usd == pytest.approx(settled[0])
+        assert prior.unsettled_usd == 0.0 and prior.unsettled_tokens == 0 and prior.interrupted == 0, prior
+        assert prior.batch_requests == 3 and prior.batch_usd == pytest.approx(held_worst)
+        assert prior.usd == pytest.approx(settled[0] + held_worst)
+
+        cancel = f"{sim.base_url}/v1/messages/batches/{held['id']}/cancel" if provider == "anthropic" else \
+            f"{sim.base_url}/v1/batches/{held['id']}/cancel"
+        httpx.post(cancel, timeout=10).raise_for_status()  # its 3 requests go again in a third batch
+        resumed = subprocess.run(teach_cmd(config, data, out), cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        stats = sim.stats()
+    assert [b["requests"] for b in stats["batches"]] == [6, 3, 3]
+    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+    try:
+        check_once(store, stats, 6)
+    finally:
+        store.close_sync()
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_expiry_with_partial_results_requeues_only_the_unfinished(tmp_path, provider):
     settings = SimSection(batch_time_scale=1e-4, batch_faults=["expire:0.4"])

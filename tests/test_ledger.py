@@ -317,6 +317,57 @@ async def test_the_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_
     await store.close()
 
 
+async def test_batch_requests_stay_outside_the_level(tmp_path):
+    """Cap $1, a batch request held at $0.988, one online call of $0.01 (M = $0.02: high 0.01, target
+    0.005). The level leaves the batch hold its share of the cap (0.012, not 0.015), and the batch result
+    settling at $0.1 moves no level: once the online call is released, the level is lowered to the
+    target above the online exposure (0), with nothing of the batch result behind it."""
+    from agentkd.budget import Usage
+    from agentkd.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=1.0, tokens=None, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    held = b.hold("kb", "m", 0, 988, reservation_id="akd-s-1-000000")
+    assert held is not None and held.usd == pytest.approx(0.988)
+    r = each_call(b, 0)
+    await cover.cover(r.usd, r.tokens)
+    assert cover.level[0] == pytest.approx(0.012) and b.held_usd + cover.level[0] <= 1.0 + 1e-12
+    assert b.settle_held(held, Usage(0, 100))[0] == pytest.approx(0.1)
+    b.release(r)
+    cover.record(closing_row(r, "release"))
+    assert cover.level[0] == pytest.approx(0.005) and cover.writes == 2
+    await cover.close()
+    await store.close()
+
+
+def test_batch_settles_are_settled_spend_and_not_part_of_a_cover(tmp_path):
+    """Session m: a cover of $1 for online calls (2 in flight), an online settle of $0.2 and a batch
+    result's settle of $0.5: the batch settle does not use up the cover ($0.8 possibly billed, not $0.3).
+    Session b settled only batch results: it covered nothing, so it is not counted as interrupted. Its
+    pending request counts at its worst case."""
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("batch_requests", [
+        {"batch_id": f"akd-{s}-1", "custom_id": f"akd-{s}-1-00000{i}", "key": f"q{s}{i}", "event": "queued",
+         "reserved_usd": 0.4, "reserved_tokens": 40} for s, i in (("m", 0), ("b", 0), ("b", 1))])
+    store.append_now("reservations", [
+        {"reservation_id": "m-cover1", "event": "cover", "usd": 1.0, "tokens": 100, "session": "m", "in_flight": 2},
+        {"reservation_id": "m-0", "key": "k0", "event": "settle", "usd": 0.2, "tokens": 20, "session": "m",
+         "in_flight": 2},
+        {"reservation_id": "akd-m-1-000000", "key": "qm0", "event": "settle", "usd": 0.5, "tokens": 50,
+         "session": "m", "in_flight": 2},
+        {"reservation_id": "akd-b-1-000000", "key": "qb0", "event": "settle", "usd": 0.3, "tokens": 30,
+         "session": "b", "in_flight": 0},
+    ])
+    prior = prior_spend(store)
+    assert prior.settled_usd == pytest.approx(1.0) and prior.settled_tokens == 100
+    assert prior.unsettled_usd == pytest.approx(0.8) and prior.unsettled_tokens == 80
+    assert prior.interrupted == 1 and prior.in_flight == 2
+    assert prior.batch_requests == 1 and prior.batch_usd == pytest.approx(0.4)  # akd-b-1-000001
+    store.close_sync()
+
+
 async def test_close_writes_nothing_while_a_call_is_in_flight_or_when_nothing_was_covered(tmp_path):
     from agentkd.ledger import SpendCover
 

@@ -4,7 +4,8 @@ The answerer and the generator go through the sim's batch API (real CLI, real lo
 run exits once the answer stage's batch is submitted (`batch.wait = false`, exit 6, which says how to
 resume); the second picks that batch up and is killed (-9) right after the eval stage's batch is durable
 as submitted; the third picks that one up and finishes the loop. What must hold: one provider batch per
-agentkd batch, every batch result billed once and stored once, nothing left open.
+agentkd batch, every batch result billed once and stored once, nothing left open, and after the kill
+(no online call in flight) nothing counted beyond the settled results but the pending batch's worst case.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ LEAN = ["loop.iterations=1", f"loop.seed_count={SEEDS}", "loop.heldout_count=10"
         "loop.judge_sample=10", "loop.eval_judge_sample=3", "train.max_seconds=1", "train.epochs=2",
         'roles.answerer.mode="batch"', 'roles.generator.mode="batch"',
         "batch.collect_s=0.2", "batch.poll_s=0.05", "batch.poll_max_s=0.2"]
+
+
+def spend_at(tmp_path):
+    """(what a resumed run counts, the calls rows' cost, the worst cases of requests queued and not done)."""
+    store = open_store(tmp_path)
+    try:
+        calls_usd = store.query("SELECT coalesce(sum(cost_usd), 0) FROM calls")[0][0]
+        open_usd = store.query(
+            "SELECT coalesce(sum(reserved_usd), 0) FROM batch_requests q WHERE event = 'queued' AND NOT EXISTS "
+            "(SELECT 1 FROM batch_requests c WHERE c.custom_id = q.custom_id AND c.event <> 'queued')")[0][0]
+        return prior_spend(store), calls_usd, open_usd
+    finally:
+        store.close_sync()
 
 
 def open_requests(tmp_path) -> tuple[int, int]:
@@ -68,10 +82,16 @@ def test_run_stopped_with_a_batch_pending_resumes_it_without_submitting_twice(tm
         assert f"resuming 1 batch(es) left open by an earlier session: {SEEDS} requests" in output
         assert f"{SEEDS} answered and stored" in output  # the pending batch's status and counts were shown
         assert open_requests(tmp_path) == (3, SEEDS)  # the eval stage's batch (3 held-out answers) pending
+        # The killed session settled 20 batch results and had no online call in flight: a resumed run counts
+        # those at their cost and the pending batch at its worst case, and nothing as possibly billed.
+        prior, calls_usd, open_usd = spend_at(tmp_path)
+        assert prior.interrupted == 0 and prior.unsettled_usd == 0.0 and prior.unsettled_tokens == 0, prior
+        assert prior.settled_usd == pytest.approx(calls_usd) and prior.batch_usd == pytest.approx(open_usd)
 
         code, output = run()
         assert code == 0, output[-4000:]
         assert "resuming 1 batch(es) left open by an earlier session: 3 requests" in output
+        assert "resuming after" not in output and "possibly billed" not in output
         stats = sim.stats()
 
     batches = stats["batches"]
@@ -92,7 +112,7 @@ def test_run_stopped_with_a_batch_pending_resumes_it_without_submitting_twice(tm
         assert sorted(done) == sorted(custom_ids)  # every result stored under the custom_id it was billed as
         assert store.query("SELECT count(*) FROM responses WHERE actor = 'teacher' AND iteration = 1")[0][0] == SEEDS
         prior = prior_spend(store)
-        assert prior.batch_requests == 0  # no batch request left open
+        assert prior.batch_requests == 0 and prior.interrupted == 0  # no batch request left open
         assert prior.settled_usd == pytest.approx(store.query("SELECT sum(cost_usd) FROM calls")[0][0])
     finally:
         store.close_sync()

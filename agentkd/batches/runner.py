@@ -428,14 +428,15 @@ class BatchRunner:
 
     def _record(self, item: Item, event: str, usd: float, tokens: int, status: int | None,
                 error_class: str | None) -> None:
-        """The request's ledger row, through the session's cover so its level follows the settled spend."""
+        """The request's ledger row. Not through the session's spend cover: that covers online calls, and a
+        batch request's worst case is durable in its `queued` row until this row settles or frees it, so
+        a settled result leaves no room behind it to count after a crash (ledger.py)."""
         assert item.reservation is not None
-        self.gateway.cover.widen(item.reservation.usd, item.reservation.tokens)
-        self.gateway.cover.record({
+        self.gateway.store.enqueue("reservations", [{
             "reservation_id": item.reservation.id, "key": item.request.key, "event": event, "usd": usd,
             "tokens": tokens, "session": self.gateway.session, "reserved_usd": item.reservation.usd,
             "reserved_tokens": item.reservation.tokens, "attempt": item.resubmits + 1, "status_code": status,
-            "error_class": error_class, "latency_s": None})
+            "error_class": error_class, "latency_s": None, "in_flight": self.gateway.budget.reserved_calls}])
 
     def _final(self, chunk: Chunk, item: Item, event: str, detail: str | None = None) -> None:
         self.gateway.store.enqueue("batch_requests", [{
