@@ -310,7 +310,8 @@ def spend_text(budget: Budget, prior: PriorSpend, *, short: bool = False) -> str
     # Pending batch requests restore() counted as spent and no session holds yet (estimate, report).
     unadopted_usd = max(prior.batch_usd - budget.adopted_usd, 0.0)
     unadopted = max(prior.batch_requests - budget.adopted_calls, 0)
-    settled = budget.settled_usd - prior.unsettled_usd - unadopted_usd
+    # At least 0: settled_usd was restored as the sum of these parts, and float subtraction can leave -1e-17.
+    settled = max(budget.settled_usd - prior.unsettled_usd - unadopted_usd, 0.0)
     held_usd, held = budget.held_usd + unadopted_usd, budget.held_calls + unadopted
     if short:
         extra = f" +${prior.unsettled_usd:.4f} interrupted" if prior.interrupted else ""

@@ -174,6 +174,16 @@ def test_spend_text_without_an_interruption_is_spend_of_cap():
     assert resume_note(PriorSpend(settled_usd=0.25)) is None
 
 
+def test_spend_text_never_shows_a_negative_settled_spend():
+    """Nothing settled yet: settled_usd restored as 0 + 0.7 + 0.1 less those parts is -2.8e-17 in floats."""
+    prior = PriorSpend(unsettled_usd=0.7, interrupted=1, in_flight=0, batch_usd=0.1, batch_requests=1)
+    budget = Budget(usd=2.0, tokens=None, price_of=lambda model: PRICE)
+    budget.restore(usd=prior.usd, tokens=0)
+    assert budget.settled_usd - prior.unsettled_usd - prior.batch_usd < 0  # the float case this is about
+    assert spend_text(budget, prior).startswith("$0.0000 settled + $0.7000 possibly billed")
+    assert spend_text(budget, prior, short=True) == "$0.0000 +$0.7000 interrupted +$0.1000 batch/$2"
+
+
 def test_sessions_of_older_files_count_as_they_did(tmp_path):
     """A block session that never closed counts its blocks (its calls in flight are unknown); per-call
     reserve rows without a session count those never settled; a closed session counts its settles."""
