@@ -97,7 +97,9 @@ class Gateway:
         self._rng = random.Random(seed)
         self._stored_keys: set[str] = set()
         self._in_flight: dict[str, asyncio.Future | None] = {}
-        self._budget_freed = asyncio.Event()  # set (and replaced) whenever a reservation closes
+        # Calls waiting for budget wait on this; made by the first such call, set (and dropped) whenever
+        # a reservation closes. None while nobody waits: most settles have no one to wake.
+        self._budget_freed: asyncio.Event | None = None
         self._session = uuid.uuid4().hex[:8]
         self.sending = True  # False: calls still waiting for a slot are dropped, not sent
         self.cover = SpendCover(store, budget, session=self._session, max_concurrency=limits.max_concurrency)
@@ -142,9 +144,11 @@ class Gateway:
         self.stats.ok += 1
 
     def on_budget_freed(self) -> None:
-        """Batch results settled below their holds: online calls waiting for budget look again."""
-        self._budget_freed.set()
-        self._budget_freed = asyncio.Event()
+        """A reservation closed, or batch results settled below their holds: online calls waiting for
+        budget look again (they retry their reservation)."""
+        if self._budget_freed is not None:
+            self._budget_freed.set()
+            self._budget_freed = None
 
     async def aclose(self) -> None:
         if self.batches is not None:
@@ -278,7 +282,6 @@ class Gateway:
             usage = Usage(reply.input_tokens, reply.output_tokens, reply.cached_tokens, reply.cache_write_tokens)
             outcome = "settle"
             self.limiter.observe(reply.headers, estimated_input=estimate, actual_input=reply.input_tokens)
-            return reply, self.budget.cost(request.model, usage)
         except TeacherError as err:
             status, error_class = err.status, err.error_class
             self.limiter.observe(err.headers)
@@ -295,9 +298,7 @@ class Gateway:
             else:
                 self.budget.release(reservation)
                 usd, tokens = 0.0, 0
-            # Wake every call waiting for budget (they retry their reservation); a fresh event for the next.
-            self._budget_freed.set()
-            self._budget_freed = asyncio.Event()
+            self.on_budget_freed()
             # Queued, not awaited: the final call row is awaited after it, and the writer is FIFO. The
             # closing ledger row is also the attempt's record (the `attempts` view); a cover level it
             # leaves out of its band is rewritten in the same commit.
@@ -309,6 +310,8 @@ class Gateway:
                                    "latency_s": self._clock() - t0})
             except StoreError:
                 pass  # the store's failure is raised before the next paid call
+        # Only a reply gets here (every failure re-raised above): its cost is what the settle charged.
+        return reply, usd
 
     async def _reserve(self, key: str, model: str, estimate: int, max_tokens: int,
                        cache_writes: bool = False) -> Reservation:
@@ -324,6 +327,8 @@ class Gateway:
             except BudgetExhausted:
                 if self.budget.reserved_tokens <= 0:
                     raise
+                if self._budget_freed is None:
+                    self._budget_freed = asyncio.Event()
                 await self._budget_freed.wait()
 
     def _on_wait(self, error: TeacherError, seconds: float) -> None:

@@ -40,6 +40,21 @@ async def make_gateway(tmp_path, teacher, *, usd=None, tokens=None, clock=None, 
     return gateway, store, clock
 
 
+def test_request_key_is_the_one_earlier_versions_stored():
+    # A run resumed by a newer agentkd finds its stored answers only if the key of a request is unchanged.
+    pinned = TeacherRequest(
+        role="answerer", provider="openai", model="gpt-x",
+        messages=({"role": "system", "content": "Réponds — briefly."}, {"role": "user", "content": '2+2=? "quoted"\n'}),
+        temperature=0.7, max_tokens=64, prompt_version="v3", top_logprobs=5,
+        response_format={"name": "a", "schema": {"type": "object", "b": 1, "a": [1.5, None]}}, sample=2)
+    assert pinned.canonical_json == (
+        '{"max_tokens":64,"messages":[{"content":"Réponds — briefly.","role":"system"},{"content":"2+2=? '
+        '\\"quoted\\"\\n","role":"user"}],"model":"gpt-x","prompt_version":"v3","provider":"openai",'
+        '"response_format":{"name":"a","schema":{"a":[1.5,null],"b":1,"type":"object"}},"sample":2,'
+        '"temperature":0.7,"top_logprobs":5}')
+    assert pinned.key == "5ebb7c67c7f508fab172216d594d79be4b92f61c55ae45d90748b99bd321457e"
+
+
 async def test_stored_answer_is_never_requested_again(tmp_path):
     teacher = ScriptedTeacher()
     gateway, store, _ = await make_gateway(tmp_path, teacher)

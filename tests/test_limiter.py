@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agentkd.config import LimitsSection
-from agentkd.limiter import SAFETY, Limiter
+from agentkd.limiter import SAFETY, Limiter, Slots
 from tests.gateway_fakes import FakeClock
 
 
@@ -71,6 +71,47 @@ async def test_concurrency_is_capped():
 
     await asyncio.gather(*(one() for _ in range(20)))
     assert peak == 3
+
+
+async def test_slots_are_handed_over_in_arrival_order_and_a_cancelled_waiter_loses_none():
+    slots = Slots(2)
+    order: list[int] = []
+    held = peak = 0
+
+    async def one(i: int, hold: float) -> None:
+        nonlocal held, peak
+        await slots.acquire()
+        held += 1
+        peak = max(peak, held)
+        order.append(i)
+        await asyncio.sleep(hold)
+        held -= 1
+        slots.release()
+
+    tasks = [asyncio.create_task(one(i, 0.002)) for i in range(8)]
+    await asyncio.sleep(0)  # 0 and 1 hold the slots; 2..7 wait in arrival order
+    tasks[3].cancel()  # a waiter leaves the queue before its turn
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 2, 4, 5, 6, 7] and peak == 2
+    assert slots.free == 2  # every slot came back, none lost to the cancelled waiter
+    await slots.acquire()
+    await slots.acquire()
+    assert slots.free == 0
+
+
+async def test_a_waiter_cancelled_after_being_handed_a_slot_passes_it_on():
+    slots = Slots(1)
+    await slots.acquire()
+    first = asyncio.create_task(slots.acquire())
+    second = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)  # both wait
+    slots.release()  # the slot goes to `first`, which has not run yet ...
+    first.cancel()  # ... and is cancelled before it does: `second` gets the slot
+    await asyncio.sleep(0)
+    await asyncio.wait_for(second, 1.0)
+    assert first.cancelled() and slots.free == 0
+    slots.release()
+    assert slots.free == 1
 
 
 async def test_without_configured_limits_the_first_request_goes_alone():

@@ -23,6 +23,12 @@ con.execute("CREATE TABLE t (x INTEGER)")
 freeze_startup_heap()
 assert probe() is None, "garbage from before the freeze was kept"
 assert gc.get_freeze_count() > 1000
+assert gc.get_threshold()[0] == 10_000  # young collections less often (process.YOUNG_THRESHOLD)
+late = Node(); late.self = late
+late_probe = weakref.ref(late)
+del late
+gc.collect()
+assert late_probe() is None, "garbage made after the freeze is still collected"
 con.close()
 print("ok")
 """

@@ -27,6 +27,7 @@ from agentkd.teachers.base import (
 
 ANTHROPIC_VERSION = "2023-06-01"
 REQUEST_KEY_HEADER = "x-agentkd-request-key"
+_encode_body = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False), built once
 _STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "stop": "stop"}
 
 
@@ -71,7 +72,7 @@ class WireTeacher:
             return await self._complete(request, timeout_s)
 
     async def _complete(self, request: TeacherRequest, timeout_s: float) -> TeacherReply:
-        payload = json.dumps(self.body(request), ensure_ascii=False).encode("utf-8")
+        payload = _encode_body(self.body(request)).encode("utf-8")
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
             timeout = self._timeouts[timeout_s] = aiohttp.ClientTimeout(total=timeout_s,
