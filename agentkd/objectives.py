@@ -100,10 +100,6 @@ def sparse_kl(
     return torch.zeros(labels.shape, dtype=kl.dtype, device=kl.device).index_put(at, kl)
 
 
-def _mean_over_tokens(per_position: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return per_position.sum() / (labels[:, 1:] != IGNORE).sum().clamp_min(1)
-
-
 def posterior_kd_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -114,10 +110,10 @@ def posterior_kd_loss(
 ) -> torch.Tensor:
     """agentkd formulation of Bayesian KD (arXiv 2401.07013 v1; METHODS.md §3):
     L = CE(y) + lambda * sum_t KL(p_post,t || p_student,t), the KL summed over response positions and,
-    like the CE, divided by the number of response tokens in the batch. See `sparse_kl`.
+    like the CE, divided by the number of response tokens in the batch. The KL is `sparse_kl`'s; both terms
+    are computed in one pass (`ce_plus_sparse_kl`), equal to sft_loss + lambda * mean sparse_kl.
     """
-    kl = sparse_kl(logits, labels, ids, probs, tail)  # (B, T-1)
-    return sft_loss(logits, labels) + kd_lambda * _mean_over_tokens(kl, labels)
+    return ce_plus_sparse_kl(logits, labels, ids, probs, tail, logits.new_full((logits.size(0),), kd_lambda))
 
 
 def proxy_kd_loss(
@@ -133,8 +129,86 @@ def proxy_kd_loss(
     L = NLL(y) + lambda * w * sum_t KL(p_proxy,t || p_student,t) with p_proxy the proxy's top-k (+ tail)
     and w (B,) the per-sample weight, a constant. Both terms are averaged per response token.
     """
-    kl = sparse_kl(logits, labels, ids, probs, tail) * weights.detach().unsqueeze(-1)  # (B, T-1)
-    return sft_loss(logits, labels) + kd_lambda * _mean_over_tokens(kl, labels)
+    return ce_plus_sparse_kl(logits, labels, ids, probs, tail, kd_lambda * weights.detach())
+
+
+def ce_plus_sparse_kl(
+    logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor,
+    kl_scale: torch.Tensor,
+) -> torch.Tensor:
+    """sft_loss + sum over positions of kl_scale[row] * sparse_kl, divided by the batch's labelled tokens.
+
+    The same values and gradients as those two functions (tests compare them on random inputs), in one pass
+    over the labelled positions only: one softmax per position serves the CE and the KL, and the gradient
+    is written in closed form. Autograd through sft_loss + sparse_kl made a KD step pay for a second
+    log-normaliser, gathers, a scatter and their backward copies over (B, T, V) — as much again as the CE.
+    kl_scale (B,): the KL's weight per row (kd_lambda, times proxy_kd's sample weight), a constant.
+    """
+    B, T, V = logits.shape
+    shifted = labels[:, 1:]  # (B, T-1): logits at t predict labels at t + 1
+    row, col = (shifted != IGNORE).nonzero(as_tuple=True)  # (N,) each: the labelled positions
+    if row.numel() == 0:
+        return logits.sum() * 0.0  # no labelled token: a zero that still has a graph (as sft_loss)
+    probs_n, tail_n = probs[:, 1:][row, col].float(), tail[:, 1:][row, col].float()  # (N, k), (N,)
+    live = ((probs_n.sum(-1) + tail_n) > 0).nonzero().squeeze(-1)  # (P,) positions with target mass
+    return _CEPlusSparseKL.apply(
+        logits, row * T + col, shifted[row, col], live, ids[:, 1:][row, col][live].long(), probs_n[live],
+        tail_n[live], kl_scale.detach().float()[row[live]],
+    )
+
+
+class _CEPlusSparseKL(torch.autograd.Function):
+    """The loss of `ce_plus_sparse_kl` from the labelled positions' logits, with its gradient in closed form.
+    Per labelled position (softmax s, log-normaliser lse) the CE is lse - x_y, gradient s - onehot(y); per live
+    position the KL of `sparse_kl`, sum_i p_i log(p_i / s_i) + tail log(tail / S_tail), has gradient
+    (sum_i p_i + tail) s - scatter(p) - tail s_rest, s_rest the softmax over the ids off the support (exact
+    with its own log-normaliser, as sparse_kl's logsumexp, even when S_tail is tiny)."""
+
+    @staticmethod
+    def forward(ctx, logits, flat, label, live, ids, probs, tail, scale):
+        # flat (N,): rows of logits.view(-1, V) that predict a label; label (N,); live (P,) indices into N;
+        # ids, probs (P, k), tail (P,), scale (P,): the live positions' targets and KL weights
+        V, n = logits.size(-1), flat.numel()
+        x = logits.reshape(-1, V).index_select(0, flat).float()  # (N, V)
+        top = x.amax(-1, keepdim=True)  # (N, 1)
+        s = (x - top).exp_()  # (N, V), softmax once normalised
+        z = s.sum(-1, keepdim=True)  # (N, 1)
+        s.div_(z)
+        lse = (top + z.log()).squeeze(-1)  # (N,)
+        total = (lse - x.gather(-1, label.unsqueeze(-1)).squeeze(-1)).sum()  # CE summed
+        has_tail = ids.size(-1) < V  # with k = V there is no tail bucket
+        s_rest = x.new_zeros(0)
+        if live.numel():
+            x_live, lse_live = x.index_select(0, live), lse.index_select(0, live)  # (P, V), (P,)
+            log_s = x_live.gather(-1, ids) - lse_live.unsqueeze(-1)  # (P, k)
+            kl = (torch.xlogy(probs, probs) - probs * log_s).sum(-1)  # (P,)
+            if has_tail:
+                rest = x_live.scatter_(-1, ids, float("-inf"))  # (P, V): logits off the k ids (in place)
+                lse_rest = torch.logsumexp(rest, dim=-1)  # (P,)
+                kl = kl + torch.xlogy(tail, tail) - tail * (lse_rest - lse_live)
+                s_rest = rest.sub_(lse_rest.unsqueeze(-1)).exp_()  # (P, V), 0 on the k ids
+            total = total + (scale * kl).sum()
+        ctx.save_for_backward(s, s_rest, flat, label, live, ids, probs, tail, scale)
+        ctx.shape, ctx.dtype, ctx.n, ctx.has_tail = logits.shape, logits.dtype, n, has_tail
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, s_rest, flat, label, live, ids, probs, tail, scale = ctx.saved_tensors
+        c = grad_out / ctx.n  # both terms are divided by the labelled tokens
+        grad = s * c  # (N, V): CE's s - onehot(y), the onehot next; a new tensor, so a second backward works
+        grad.scatter_add_(-1, label.unsqueeze(-1), (-c).expand(label.size(0), 1).to(grad.dtype))
+        if live.numel():
+            w = scale * c  # (P,)
+            mass = probs.sum(-1) + (tail if ctx.has_tail else 0.0)  # (P,)
+            g_live = s.index_select(0, live) * (w * mass).unsqueeze(-1)  # (P, V)
+            if ctx.has_tail:
+                g_live.sub_(s_rest * (w * tail).unsqueeze(-1))
+            g_live.scatter_add_(-1, ids, -(w.unsqueeze(-1) * probs))  # a repeated id carries p = 0: adds 0
+            grad.index_add_(0, live, g_live)
+        B, T, V = ctx.shape
+        out = grad.new_zeros(B * T, V, dtype=ctx.dtype).index_copy_(0, flat, grad.to(ctx.dtype))
+        return out.view(B, T, V), None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- proxy KD (v2) pieces

@@ -144,9 +144,12 @@ def _q_on_support(
     """The support [y_t, top-k(q_t), fixed ids] (P, S) and log q on it (P, S). The body runs once per batch;
     the LM head, log-normaliser and top-k run on chunks of positions (chunk x V logits, on the device)."""
     batch = collate(rows, pad_id_of(q_model))
+    # the last token of a row predicts nothing here, and attention is causal: the longest row's last column
+    # changes no hidden state that is used, so it is not computed
+    width = max(1, batch["input_ids"].size(1) - 1)
     body, head = q_model.get_decoder(), q_model.get_output_embeddings()
-    hidden = body(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device)).last_hidden_state  # (B, T, H)
+    hidden = body(input_ids=batch["input_ids"][:, :width].to(device),
+                  attention_mask=batch["attention_mask"][:, :width].to(device)).last_hidden_state  # (B, T-1, H)
     T = hidden.size(1)
     where = []  # hidden state at t - 1 predicts response token t
     for i, r in enumerate(rows):

@@ -156,3 +156,103 @@ def test_proxy_kd_loss_weights_each_row_and_takes_no_weight_grad():
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     loss.backward()
     assert w.grad is None and logits.grad is not None
+
+
+def dense_ce_plus_kl(logits, labels, ids, probs, tail, kl_scale):
+    """The fused loss the obvious way, in float64 with autograd: per labelled position, the CE from a full
+    log-softmax and the KL between target and student coarsened to (distinct support ids + one tail bucket)
+    with the student's tail mass summed over an explicit mask of the ids off the support."""
+    x = logits.double()
+    B, T, V = x.shape
+    total, n = x.sum() * 0.0, 0
+    for b in range(B):
+        for t in range(1, T):
+            if labels[b, t] == IGN:
+                continue
+            n += 1
+            logp = torch.log_softmax(x[b, t - 1], -1)  # (V,)
+            total = total - logp[labels[b, t]]
+            p, p_tail = probs[b, t].double(), tail[b, t].double()
+            if p.sum() + p_tail <= 0:
+                continue  # no target here: CE only
+            support = torch.zeros(V, dtype=torch.bool)
+            support[ids[b, t].long()] = True
+            kl = sum(pi * (math.log(pi) - logp[i]) for i, pi in zip(ids[b, t].tolist(), p.tolist()) if pi > 0)
+            if not support.all():
+                s_tail = torch.logsumexp(logp[~support], -1)  # log of the student's mass off the support
+                kl = kl + (p_tail * (torch.log(p_tail) - s_tail) if p_tail > 0 else 0.0)
+            total = total + kl_scale[b] * kl
+    return total / max(n, 1)
+
+
+def kd_case(seed, B=4, T=9, V=13, k=5):
+    """Random logits and sparse targets with what collate_targets and posterior.py produce: a row without
+    targets (zero mass), an id repeated in a support with 0 on the repeat, a position whose tail is 0."""
+    logits, labels = seeded(seed, B, T, V)
+    _, ids, probs, tail = random_sparse(B, T, V, k, seed + 100)
+    probs, tail = probs.clone(), tail.clone()
+    probs[2], tail[2] = 0.0, 0.0  # row 2 outside the KD role
+    if 3 < k < V:
+        ids[0, 4, 3] = ids[0, 4, 1]  # a repeated id: its mass sits at the first column
+        probs[0, 4, 3] = 0.0
+    tail[1, 3] = 0.0
+    return logits, labels, ids, probs, tail
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])  # 13 = V: no tail bucket
+def test_ce_plus_sparse_kl_matches_a_dense_reference_in_value_and_gradient(k):
+    logits, labels, ids, probs, tail = kd_case(12, k=k)
+    scale = torch.tensor([0.7, 1.3, 2.0, 0.0])
+    a = logits.clone().requires_grad_()
+    got = obj.ce_plus_sparse_kl(a, labels, ids, probs, tail, scale)
+    got.backward()
+    b = logits.clone().requires_grad_()
+    ref = dense_ce_plus_kl(b, labels, ids, probs, tail, scale)
+    ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-4, atol=1e-6)
+    assert a.grad[:, -1].abs().max().item() == 0.0  # the last position predicts nothing
+    assert a.grad[:, :2].abs().max().item() == 0.0  # positions before the labels (prompt) take no gradient
+
+
+def test_ce_plus_sparse_kl_equals_sft_loss_plus_scaled_sparse_kl_even_with_a_tiny_student_tail():
+    logits, labels, ids, probs, tail = kd_case(13)
+    # the student puts nearly all its mass on the support at one position: S_tail ~ e^-60
+    off = torch.ones(logits.size(-1), dtype=torch.bool)
+    off[ids[3, 6]] = False
+    logits[3, 5, off] -= 60.0
+    scale = torch.tensor([1.0, 0.5, 3.0, 2.0])
+    a = logits.clone().requires_grad_()
+    got = obj.ce_plus_sparse_kl(a, labels, ids, probs, tail, scale)
+    got.backward()
+    b = logits.clone().requires_grad_()
+    n = (labels[:, 1:] != IGN).sum()
+    ref = obj.sft_loss(b, labels) + (obj.sparse_kl(b, labels, ids, probs, tail) * scale[:, None]).sum() / n
+    ref.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_ce_plus_sparse_kl_backward_twice_and_in_bf16():
+    logits, labels, ids, probs, tail = kd_case(14)
+    scale = torch.ones(4)
+    a = logits.clone().requires_grad_()
+    loss = obj.ce_plus_sparse_kl(a, labels, ids, probs, tail, scale)
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    loss.backward()  # the saved softmax is not overwritten by the first backward
+    torch.testing.assert_close(a.grad, 2 * first)
+    h = logits.bfloat16().requires_grad_()
+    low = obj.ce_plus_sparse_kl(h, labels, ids, probs, tail, scale)
+    low.backward()
+    assert h.grad.dtype == torch.bfloat16
+    ref = obj.ce_plus_sparse_kl(logits.bfloat16().float(), labels, ids, probs, tail, scale)
+    assert low.item() == pytest.approx(ref.item(), rel=1e-5)  # computed in fp32 from the bf16 logits
+
+
+def test_ce_plus_sparse_kl_without_labelled_tokens_is_a_zero_with_a_graph():
+    logits, labels, ids, probs, tail = kd_case(15)
+    a = logits.clone().requires_grad_()
+    loss = obj.ce_plus_sparse_kl(a, torch.full_like(labels, IGN), ids, probs, tail, torch.ones(4))
+    loss.backward()
+    assert loss.item() == 0.0 and a.grad.abs().max().item() == 0.0
