@@ -63,7 +63,9 @@ def posterior_targets(
         raise ValueError("train.dirichlet_alpha + train.dirichlet_beta must be > 0")
     V = q_model.config.vocab_size
     E = evidence_width(examples) if cfg.logprob_gamma > 0 else 0
-    q_model.to(device).eval()
+    if any(p.device != device for p in q_model.parameters()):  # .to() walks every module: only when needed
+        q_model.to(device)
+    q_model.eval()
     cache: dict[str, int | None] = {}  # provider token string -> its one student id (None: not one token)
     out: list[SparseTargets] = []
     used = unused = 0
