@@ -11,12 +11,14 @@ requests in flight (--concurrency):
                it: limits.max_concurrency = --concurrency caps requests in flight, and
                WORKERS_PER_SLOT x that many items are in progress (an item waiting for its row's
                commit holds no HTTP slot)
-  sdk_raw      the official openai SDK (DefaultAioHttpClient when available, max_retries=0)
+  sdk_raw      the official openai SDK client exactly as the SDK transport builds it (its default
+               httpx2 client, max_retries=0), so sdk_ratio compares like with like
+  sdk_aiohttp  the same SDK over DefaultAioHttpClient (aiohttp), the fastest SDK path, for reference
   sdk_gateway  Gateway over the SDK transport (teacher.transport = "sdk")
 Targets: gateway_rps >= 0.5 x raw_rps (this task), sdk_gateway >= 0.8 x sdk_raw (DESIGN.md).
 --budget-usd sets the gateway's cap (default $1,000, far above what the run spends): a cap close to the
 run's spend makes the ledger's unused room small (at most 1% of the cap), so its level is rewritten more often.
-Last line: JSON with gateway_rps, raw_rps, sdk_rps (= sdk_gateway), sdk_raw_rps, ratio, sdk_ratio (best of
+Last line: JSON with gateway_rps, raw_rps, sdk_rps (= sdk_gateway), sdk_raw_rps, sdk_aiohttp_rps, ratio, sdk_ratio (best of
 the rounds), and `median`: the median of each figure and of the per-round ratios.
 """
 
@@ -41,7 +43,7 @@ from agentkd.gateway import Gateway
 from agentkd.process import freeze_startup_heap
 from agentkd.store import Store
 from agentkd.teachers.base import TeacherRequest
-from agentkd.teachers.sdk import OpenAISDKTeacher
+from agentkd.teachers.sdk import OpenAISDKTeacher, openai_client
 from agentkd.teachers.wire import WireTeacher, openai_body
 from agentkd.workpool import WORKERS_PER_SLOT
 
@@ -103,11 +105,13 @@ async def run_gateway(teacher, requests: list[TeacherRequest], concurrency: int,
     return rps
 
 
-async def run_sdk_raw(base_url: str, requests: list[TeacherRequest], concurrency: int) -> float:
-    kwargs = {}
-    if hasattr(openai, "DefaultAioHttpClient"):
-        kwargs["http_client"] = openai.DefaultAioHttpClient()
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, **kwargs)
+async def run_sdk_raw(base_url: str, requests: list[TeacherRequest], concurrency: int, *,
+                      aiohttp_client: bool = False) -> float:
+    if aiohttp_client:
+        client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0,
+                                    http_client=openai.DefaultAioHttpClient())
+    else:
+        client = openai_client(base_url + "/v1", None)
 
     async def call(request: TeacherRequest) -> None:
         reply = await client.chat.completions.create(**openai_body(request, "sim"))
@@ -141,6 +145,8 @@ async def main(n: int, concurrency: int, rounds: int, budget_usd: float) -> dict
                 "gateway_rps": await run_gateway(wire(), workload(n, f"gw{r}"), concurrency, budget_usd),
                 "sdk_raw_rps": await run_sdk_raw(base_url, workload(n, f"sdkraw{r}"), concurrency),
                 "sdk_rps": await run_gateway(sdk(), workload(n, f"sdkgw{r}"), concurrency, budget_usd),
+                "sdk_aiohttp_rps": await run_sdk_raw(base_url, workload(n, f"sdkaio{r}"), concurrency,
+                                                     aiohttp_client=True),
             }
             print(f"round {r}: " + ", ".join(f"{k}={v:,.0f}" for k, v in figures.items())
                   + f", ratio={figures['gateway_rps'] / figures['raw_rps']:.3f}", flush=True)
@@ -156,7 +162,7 @@ async def main(n: int, concurrency: int, rounds: int, budget_usd: float) -> dict
         "benchmark": "gateway_overhead", "requests": n, "concurrency": concurrency, "rounds": rounds,
         "gateway_items_in_progress": concurrency * WORKERS_PER_SLOT, "budget_usd": budget_usd,
         "cover_rows_per_call": round(cover_rows[0] / (2 * n * rounds), 4),
-        **{k: round(best[k], 1) for k in ("raw_rps", "gateway_rps", "sdk_raw_rps", "sdk_rps")},
+        **{k: round(best[k], 1) for k in ("raw_rps", "gateway_rps", "sdk_raw_rps", "sdk_rps", "sdk_aiohttp_rps")},
         "ratio": round(best["gateway_rps"] / best["raw_rps"], 3),
         "sdk_ratio": round(best["sdk_rps"] / best["sdk_raw_rps"], 3),
         # The raw figures swing with whatever else shares the box: medians over rounds, and the

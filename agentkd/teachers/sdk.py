@@ -33,11 +33,17 @@ from agentkd.teachers.wire import (
 )
 
 
+def openai_client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
+    """The SDK client this transport uses: the SDK's own default HTTP client (httpx2), so the SDK's
+    usual fakes (pytest-httpx2) work on it; no SDK retries (the gateway retries). The SDK insists on a
+    key; local servers (vLLM, Ollama, the sim) accept any."""
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+
+
 class OpenAISDKTeacher:
     def __init__(self, *, provider: str, base_url: str, api_key: str | None) -> None:
         self.provider = provider
-        # The SDK insists on a key; local servers (vLLM, Ollama, the sim) accept any.
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0)
+        self._client = openai_client(base_url, api_key)
         self._api_key = api_key  # only to cut it out of error text (key_redacted)
 
     async def complete(self, request: TeacherRequest, *, timeout_s: float) -> TeacherReply:
