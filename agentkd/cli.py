@@ -13,14 +13,14 @@ from pathlib import Path
 from rich.console import Console
 
 from agentkd.batches import BatchesPending
-from agentkd.budget import BudgetExhausted
+from agentkd.gateway.budget import BudgetExhausted
 from agentkd import watch
 from agentkd.config import ConfigError, load_config
 from agentkd.process import freeze_startup_heap
-from agentkd.role_inputs import fields_help, read_role_rows
-from agentkd.replies import UnusableReplies
+from agentkd.roles.inputs import fields_help, read_role_rows
+from agentkd.roles.replies import UnusableReplies
 from agentkd.roles.template import TemplateError
-from agentkd.store import StoreError, StoreLockedError
+from agentkd.store.writer import StoreError, StoreLockedError
 from agentkd.teachers.base import AuthError, QuotaExceeded
 from agentkd.terminal import labelled, plain_console
 
@@ -175,14 +175,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         print(estimate(config, role=args.role, input_path=args.input, rationale_rate=rate, mode=args.mode))
         return EXIT_OK
     if args.command == "train":
-        from agentkd.training_run import train_command
+        from agentkd.training.run import train_command
 
         line = train_command(config, objective=args.objective, iteration=args.iteration, job=args.job)
         if line:  # the main process's (under a launcher the others say nothing)
             print(line)
         return EXIT_OK
     if args.command == "run":
-        from agentkd.loop import run_loop
+        from agentkd.lion.loop import run_loop
 
         freeze_startup_heap()
 
@@ -229,12 +229,12 @@ def _print_kshot(config, input_path: Path) -> None:
 
 def _run_dir_command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "report":
-        from agentkd.report import write_report
+        from agentkd.lion.report import write_report
 
         path = write_report(args.run_dir)
         print(f"wrote {path}")
         return EXIT_OK
-    from agentkd.export import export_training_data
+    from agentkd.store.export import export_training_data
 
     path, count = export_training_data(args.run_dir, fmt=args.format, output=args.output)
     print(json.dumps({"output": str(path), "rows": count}))

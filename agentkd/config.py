@@ -457,7 +457,7 @@ class LoopSection(Section):
 
 class FailFastSection(Section):
     """A teacher that cannot do a role stops the run (exit 5) before it spends the budget on replies
-    that cannot be used. Checked per role and stage; agentkd/replies.py."""
+    that cannot be used. Checked per role and stage; agentkd/roles/replies.py."""
 
     min_results: int = Field(
         20, ge=1, description="Results of a role in a stage (referee: judged orders) before the check starts."

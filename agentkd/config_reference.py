@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from agentkd.config import RunConfig
-from agentkd.students import StudentSpec
+from agentkd.training.students import StudentSpec
 
 HEADER = """# Config reference
 

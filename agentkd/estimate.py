@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from agentkd.budget import Budget, Usage, cost_usd, worst_case_usd
+from agentkd.gateway.budget import Budget, Usage, cost_usd, worst_case_usd
 from agentkd.config import ConfigError, RoleOverride, RunConfig
-from agentkd.ledger import PriorSpend, prior_spend, spend_text
+from agentkd.gateway.ledger import PriorSpend, prior_spend, spend_text
 from agentkd.roles.requests import RolePrompts
 from agentkd.roles.template import builtin_prompts_dir
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.roles.calls import rationale_selected
-from agentkd.role_inputs import check_rationale_rate, read_role_rows, row_options
+from agentkd.roles.inputs import check_rationale_rate, read_role_rows, row_options
 from agentkd.teach import generator_prompt
 from agentkd.teachers.base import TeacherRequest
-from agentkd.tokens import estimate_prompt
+from agentkd.gateway.tokens import estimate_prompt
 
 
 def requests_for(prompts: RolePrompts, role: str, row: dict, rationale_rate: float,
@@ -178,6 +178,6 @@ def _stored(config: RunConfig) -> tuple[set[str], PriorSpend]:
 
 
 def _loop_estimate(config: RunConfig) -> str:
-    from agentkd.loop_plan import plan_calls
+    from agentkd.lion.plan import plan_calls
 
     return plan_calls(config)

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 from agentkd.config import ConfigError, TaskSection, TrainSection
 from agentkd.datasets import read_jsonl, write_jsonl
-from agentkd.decode import generate_answers
-from agentkd.evaluate import is_correct
-from agentkd.students import SPEC_FILE, Student, StudentSpec, load_checkpoint
-from agentkd.train_data import Task, checkpoint_task
+from agentkd.training.decode import generate_answers
+from agentkd.lion.evaluate import is_correct
+from agentkd.training.students import SPEC_FILE, Student, StudentSpec, load_checkpoint
+from agentkd.training.train_data import Task, checkpoint_task
 
 DEFAULT_MAX_NEW_TOKENS = TrainSection().max_new_tokens  # the loop's decoding cap, unless the run set another
 
@@ -111,9 +111,9 @@ def evaluate_file(loaded: LoadedStudent, input_path: Path, *, max_new_tokens: in
 def _evaluate_labels(loaded: LoadedStudent, config: TaskSection, input_path: Path, *, max_new_tokens: int | None,
                      batch_size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A label task's rows: the item's fields rendered as the loop renders them; `label` the gold one."""
-    from agentkd.evaluate import student_label
-    from agentkd.items import fields_of_row, item_schema, render
-    from agentkd.pools import Item
+    from agentkd.lion.evaluate import student_label
+    from agentkd.roles.items import fields_of_row, item_schema, render
+    from agentkd.lion.pools import Item
     from agentkd.roles.explainer import task_definition
 
     schema, task = item_schema(config), task_definition(config)

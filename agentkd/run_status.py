@@ -145,8 +145,8 @@ class RunStatus:
 
 def end_state(error: BaseException | None) -> dict[str, Any]:
     """How a session ended, from the exception that ended it (None: it finished)."""
-    from agentkd.budget import BudgetExhausted
-    from agentkd.replies import UnusableReplies
+    from agentkd.gateway.budget import BudgetExhausted
+    from agentkd.roles.replies import UnusableReplies
     from agentkd.teachers.base import AuthError, QuotaExceeded
 
     if error is None:

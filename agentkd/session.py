@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from agentkd.batches import batch_runner
-from agentkd.budget import Budget
+from agentkd.gateway.budget import Budget
 from agentkd.config import RunConfig, dump_config
-from agentkd.gateway import Gateway
-from agentkd.ledger import resume_note
-from agentkd.replies import ReplyCheck
+from agentkd.gateway.core import Gateway
+from agentkd.gateway.ledger import resume_note
+from agentkd.roles.replies import ReplyCheck
 from agentkd.roles.requests import RolePrompts
 from agentkd.run_status import RunStatus
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers import build_teachers, endpoints
 
 

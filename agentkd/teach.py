@@ -21,12 +21,12 @@ from rich.console import Console
 
 from agentkd.config import RunConfig
 from agentkd.datasets import JsonlAppender, write_jsonl
-from agentkd import pools
-from agentkd.dedup import InstructionIndex, instruction_id
-from agentkd.ledger import spend_text
-from agentkd.role_rows import GeneratedIntake, judgment_rows
+from agentkd.lion import pools
+from agentkd.lion.dedup import InstructionIndex, instruction_id
+from agentkd.gateway.ledger import spend_text
+from agentkd.lion.role_rows import GeneratedIntake, judgment_rows
 from agentkd.roles import calls
-from agentkd.role_inputs import read_role_rows, row_options
+from agentkd.roles.inputs import read_role_rows, row_options
 from agentkd.roles.calls import rationale_selected
 from agentkd.session import TeacherSession, teacher_session
 from agentkd.terminal import plain_console

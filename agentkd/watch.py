@@ -114,8 +114,8 @@ def _ago(stamp: str | None) -> str:
 
 
 def _summary_or_lock(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    from agentkd.export import open_run_store
-    from agentkd.store import StoreLockedError
+    from agentkd.store.export import open_run_store
+    from agentkd.store.writer import StoreLockedError
 
     try:
         store = open_run_store(run_dir)
@@ -137,8 +137,8 @@ def _config_json(run_dir: Path) -> dict[str, Any]:
 def run_summary(store, config: dict[str, Any]) -> dict[str, Any]:
     """The run as its database records it."""
     from agentkd.config import TaskSection
-    from agentkd.ledger import prior_spend
-    from agentkd.replies import parse_failures
+    from agentkd.gateway.ledger import prior_spend
+    from agentkd.roles.replies import parse_failures
 
     prior = prior_spend(store)
     stages = store.query("SELECT iteration, stage FROM loop_state ORDER BY created_at")
@@ -233,9 +233,9 @@ def _run_row(run_dir: Path) -> tuple[str, str, str, str, str]:
 
 
 def _spend_from_database(run_dir: Path) -> tuple[str, str]:
-    from agentkd.export import open_run_store
-    from agentkd.ledger import prior_spend
-    from agentkd.store import StoreError, StoreLockedError
+    from agentkd.store.export import open_run_store
+    from agentkd.gateway.ledger import prior_spend
+    from agentkd.store.writer import StoreError, StoreLockedError
 
     if not (run_dir / DB_NAME).is_file():
         return "?", "no database"

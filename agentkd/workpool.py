@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentkd.batches import BatchesPending
-from agentkd.budget import BudgetExhausted
-from agentkd.gateway import CallFailed, Gateway, SendingStopped
-from agentkd.ledger import spend_text
-from agentkd.replies import UnusableReplies
-from agentkd.retry import Deferred
+from agentkd.gateway.budget import BudgetExhausted
+from agentkd.gateway.core import CallFailed, Gateway, SendingStopped
+from agentkd.gateway.ledger import spend_text
+from agentkd.roles.replies import UnusableReplies
+from agentkd.gateway.retry import Deferred
 from agentkd.run_status import RunStatus
-from agentkd.store import StoreError
+from agentkd.store.writer import StoreError
 from agentkd.teachers.base import TeacherError
 
 class Interrupted(KeyboardInterrupt):

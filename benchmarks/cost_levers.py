@@ -30,10 +30,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agentkd.budget import BudgetExhausted
+from agentkd.gateway.budget import BudgetExhausted
 from agentkd.config import SimSection, config_from_dict
-from agentkd.ledger import prior_spend
-from agentkd.store import Store
+from agentkd.gateway.ledger import prior_spend
+from agentkd.store.writer import Store
 from agentkd.teach import teach
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 
-from agentkd.dedup import InstructionIndex, tokens
+from agentkd.lion.dedup import InstructionIndex, tokens
 
 POOL = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
 CANDIDATES = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000

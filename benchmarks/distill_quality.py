@@ -40,8 +40,8 @@ import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from agentkd.config import ROLE_DEFAULTS  # noqa: E402
-from agentkd.evaluate import answer_number  # noqa: E402
-from agentkd.students import build_student, count_parameters, load_checkpoint  # noqa: E402
+from agentkd.lion.evaluate import answer_number  # noqa: E402
+from agentkd.training.students import build_student, count_parameters, load_checkpoint  # noqa: E402
 from quality.jobs import KD_METHODS, init_worker, proxy_job, student_job, teacher_job  # noqa: E402
 from quality.lion import lion_job, lion_vs_random  # noqa: E402
 from quality.measure import accuracy, sample_accuracy, teacher_heldout, token_kl  # noqa: E402

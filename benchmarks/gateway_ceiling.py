@@ -31,10 +31,10 @@ from pathlib import Path
 
 import openai
 
-from agentkd.budget import Budget, BudgetExhausted, Usage, cost_usd
+from agentkd.gateway.budget import Budget, BudgetExhausted, Usage, cost_usd
 from agentkd.config import LimitsSection, PriceSection
-from agentkd.gateway import CallFailed, Gateway
-from agentkd.store import Store
+from agentkd.gateway.core import CallFailed, Gateway
+from agentkd.store.writer import Store
 from agentkd.teachers.base import TeacherRequest
 from agentkd.teachers.sim.protocol import parse_request
 from agentkd.teachers.wire import WireTeacher, openai_body

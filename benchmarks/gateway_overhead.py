@@ -37,11 +37,11 @@ from pathlib import Path
 import aiohttp
 import openai
 
-from agentkd.budget import Budget
+from agentkd.gateway.budget import Budget
 from agentkd.config import SIM_PRICE, LimitsSection
-from agentkd.gateway import Gateway
+from agentkd.gateway.core import Gateway
 from agentkd.process import freeze_startup_heap
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.base import TeacherRequest
 from agentkd.teachers.sdk import OpenAISDKTeacher, openai_client
 from agentkd.teachers.wire import WireTeacher, openai_body

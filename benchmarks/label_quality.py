@@ -49,9 +49,9 @@ def arm_job(work: str, arm: str, seed: int, sizes: dict) -> dict:
     from rich.console import Console
 
     from agentkd.config import load_config
-    from agentkd.loop import run_loop
-    from agentkd.pools import metric
-    from agentkd.store import Store
+    from agentkd.lion.loop import run_loop
+    from agentkd.lion.pools import metric
+    from agentkd.store.writer import Store
 
     torch.set_num_threads(1)
     objective, xr = ARMS[arm]

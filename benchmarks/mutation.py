@@ -29,12 +29,12 @@ HERE = ROOT / "benchmarks"
 EQUIVALENT = HERE / "mutation_equivalent.toml"
 
 # Mutant names are "<module>.x_<function>__mutmut_<n>" or "<module>.xǁ<Class>ǁ<method>__mutmut_<n>".
-GATEWAY = "agentkd.gateway.xǁGatewayǁ"
-STORE = "agentkd.store."
+GATEWAY = "agentkd.gateway.core.xǁGatewayǁ"
+STORE = "agentkd.store.writer."
 TARGETS = {
-    "budget": ["agentkd.budget.*"],
-    "ledger": ["agentkd.ledger.*"],
-    "retry": ["agentkd.retry.*"],
+    "budget": ["agentkd.gateway.budget.*"],
+    "ledger": ["agentkd.gateway.ledger.*"],
+    "retry": ["agentkd.gateway.retry.*"],
     # reserve -> cover -> send -> settle/release, and what a session restores and closes
     "gateway reserve/settle": [f"{GATEWAY}{m}__mutmut_*" for m in ("start", "aclose", "_attempt",
                                                                   "_reserved_attempt", "_reserve")],
@@ -61,7 +61,7 @@ def module_of(name: str) -> str | None:
 def results() -> dict[str, str]:
     """mutant name -> status, for the targeted mutants mutmut has recorded under mutants/."""
     out = {}
-    for meta in sorted((ROOT / "mutants" / "agentkd").glob("*.py.meta")):
+    for meta in sorted((ROOT / "mutants" / "agentkd").rglob("*.py.meta")):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             if module_of(name) is not None:
                 out[name] = STATUS.get(code, "suspicious")

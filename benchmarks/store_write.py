@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from agentkd.store import COLUMNS, Store
+from agentkd.store.writer import COLUMNS, Store
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 

@@ -99,8 +99,8 @@ def model_flops_per_token(model, shape: dict, seq: int, lora: bool) -> float:
 
 
 def rows_for(objective: str, args) -> list:
-    from agentkd.objectives import SparseTargets
-    from agentkd.train_data import EncodedRow
+    from agentkd.training.objectives import SparseTargets
+    from agentkd.training.train_data import EncodedRow
 
     g = torch.Generator().manual_seed(0)
     V, half = args.shape["vocab_size"], args.seq // 2
@@ -126,9 +126,9 @@ def _sync(device: str) -> None:
 
 
 def run_case(objective: str, lora: bool, args, peak: float | None) -> dict:
-    from agentkd import train as trainer
+    from agentkd.training import train as trainer
     from agentkd.config import TrainSection
-    from agentkd.optimise import make_accelerator, optimise, sft_step
+    from agentkd.training.optimise import make_accelerator, optimise, sft_step
 
     model = build_model(args.shape, args.device, lora)
     cfg = TrainSection(batch_size=args.batch, warmup_steps=0, lr=1e-5, gradient_checkpointing=args.gradient_checkpointing)
@@ -163,10 +163,10 @@ def run_case(objective: str, lora: bool, args, peak: float | None) -> dict:
 def target_case(args) -> dict:
     """posterior_targets for batch x seq/2 response positions, q = the same architecture, bf16 on CUDA."""
     from agentkd.config import TrainSection
-    from agentkd.ngram import NGramPrior
-    from agentkd.optimise import make_accelerator
-    from agentkd.posterior import posterior_targets
-    from agentkd.train_data import TrainingExample
+    from agentkd.training.ngram import NGramPrior
+    from agentkd.training.optimise import make_accelerator
+    from agentkd.training.posterior import posterior_targets
+    from agentkd.training.train_data import TrainingExample
 
     q = build_model(args.shape, args.device, lora=False).eval()
     rows = rows_for("sft", args)[: args.batch]

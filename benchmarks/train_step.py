@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from agentkd import train as trainer  # noqa: E402
+from agentkd.training import train as trainer  # noqa: E402
 from agentkd.config import TrainSection  # noqa: E402
-from agentkd.ngram import NGramPrior  # noqa: E402
-from agentkd.posterior import fit_prior, posterior_targets  # noqa: E402
-from agentkd.proxy import proxy_targets  # noqa: E402
-from agentkd.students import build_student, load_spec  # noqa: E402
-from agentkd.train_data import EncodedRow, TrainingExample, encode_pair, format_prompt  # noqa: E402
+from agentkd.training.ngram import NGramPrior  # noqa: E402
+from agentkd.training.posterior import fit_prior, posterior_targets  # noqa: E402
+from agentkd.training.proxy import proxy_targets  # noqa: E402
+from agentkd.training.students import build_student, load_spec  # noqa: E402
+from agentkd.training.train_data import EncodedRow, TrainingExample, encode_pair, format_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN_V = 151_936  # Qwen2.5's vocabulary

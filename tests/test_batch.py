@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agentkd.budget import BudgetExhausted
+from agentkd.gateway.budget import BudgetExhausted
 from agentkd.config import SimSection, load_config
-from agentkd.ledger import prior_spend
-from agentkd.store import Store
+from agentkd.gateway.ledger import prior_spend
+from agentkd.store.writer import Store
 from agentkd.teach import teach
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems
@@ -269,9 +269,9 @@ def test_a_lost_create_response_finds_the_batch_instead_of_creating_another(tmp_
 def test_a_job_whose_worst_case_passes_the_cap_never_spends_past_it(tmp_path, provider):
     """Holds at the batch price are taken before each batch is made: what does not fit waits for results
     to settle, and the run stops (BudgetExhausted) with its spend and the sim's bill under the cap."""
-    from agentkd.budget import Budget
+    from agentkd.gateway.budget import Budget
     from agentkd.roles.requests import RolePrompts
-    from agentkd.tokens import estimate_prompt
+    from agentkd.gateway.tokens import estimate_prompt
 
     with sim_in_thread(SimSection(batch_time_scale=1e-4)) as sim:
         config, data, out = write_run(tmp_path, provider, sim.base_url, rows=30, max_requests=100)

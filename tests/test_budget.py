@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentkd.budget import Budget, BudgetExhausted, Usage, cost_usd
+from agentkd.gateway.budget import Budget, BudgetExhausted, Usage, cost_usd
 from agentkd.config import ConfigError, PriceSection
 
 PRICE = PriceSection(input_per_mtok=1_000.0, output_per_mtok=2_000.0)  # $0.001 per token in, $0.002 out

@@ -99,7 +99,7 @@ def test_the_six_shot_explainer_prompt_is_selectable_and_the_sim_answers_it(tmp_
         assert "0 parse failures" in capsys.readouterr().out
         rows = read_rows(out)
         assert all(r["label"] is not None and r["rationale"] for r in rows)
-    from agentkd.store import Store
+    from agentkd.store.writer import Store
 
     store = Store(tmp_path / "runs" / "t" / "agentkd.duckdb", read_only=True)
     try:

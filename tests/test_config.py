@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agentkd.config import ConfigError, load_config, parse_override, resolve_api_key
-from agentkd.students import load_spec
+from agentkd.training.students import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))

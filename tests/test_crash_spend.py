@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 
 from agentkd.config import SimSection, load_config
-from agentkd.dedup import instruction_id
+from agentkd.lion.dedup import instruction_id
 from agentkd.estimate import requests_for
-from agentkd.ledger import prior_spend
+from agentkd.gateway.ledger import prior_spend
 from agentkd.roles.requests import RolePrompts
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems
-from agentkd.tokens import estimate_prompt
+from agentkd.gateway.tokens import estimate_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, CONCURRENCY, KILLS = 60, 8, 10

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkd.dedup import InstructionIndex, instruction_id, lcs_length, normalise, rouge_l, tokens
+from agentkd.lion.dedup import InstructionIndex, instruction_id, lcs_length, normalise, rouge_l, tokens
 
 
 def reference_lcs(a, b) -> int:

@@ -20,7 +20,7 @@ from quality.table import paired_vs_sft  # noqa: E402
 from quality.teacher import LMResponder, sample, teacher_prompt  # noqa: E402
 
 from agentkd.config import SimSection  # noqa: E402
-from agentkd.students import StudentSpec, build_student, train_bpe_tokenizer  # noqa: E402
+from agentkd.training.students import StudentSpec, build_student, train_bpe_tokenizer  # noqa: E402
 from agentkd.teachers.sim import sim_in_thread  # noqa: E402
 from agentkd.teachers.sim.world import sample_problems, worked_answer  # noqa: E402
 

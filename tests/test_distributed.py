@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from agentkd.cli import main
 from agentkd.config import ConfigError, TrainSection, load_config
-from agentkd.launch import launcher_command, run_job
-from agentkd.optimise import accumulation_steps, make_accelerator, optimise
-from agentkd.store import Store
+from agentkd.training.launch import launcher_command, run_job
+from agentkd.training.optimise import accumulation_steps, make_accelerator, optimise
+from agentkd.store.writer import Store
 from agentkd.teachers.sim.world import sample_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,13 +143,13 @@ def test_two_processes_train_every_objective_and_sft_matches_one_process(taught,
 def _check_posterior_shards_against_one_process(run) -> None:
     """Iteration 3's posterior targets, built in shards by 2 processes, against the same targets built
     here in one call from the saved proxy and the same rows."""
-    from agentkd.kd_targets import MANIFEST, TargetShards
-    from agentkd.posterior import fit_prior, posterior_targets
-    from agentkd.proxy import load_proxy
-    from agentkd.students import load_spec
-    from agentkd.train import _kd_rows
-    from agentkd.train_data import encode_pair, format_prompt
-    from agentkd.training_run import examples_from_store, teacher_corpus
+    from agentkd.training.kd_targets import MANIFEST, TargetShards
+    from agentkd.training.posterior import fit_prior, posterior_targets
+    from agentkd.training.proxy import load_proxy
+    from agentkd.training.students import load_spec
+    from agentkd.training.train import _kd_rows
+    from agentkd.training.train_data import encode_pair, format_prompt
+    from agentkd.training.run import examples_from_store, teacher_corpus
 
     folder = run.run_dir / "targets" / "3"
     shards = TargetShards(folder, json.loads((folder / MANIFEST).read_text()))
@@ -239,8 +239,8 @@ def test_the_launcher_command_adds_multi_gpu_only_when_the_arguments_choose_no_d
 
 
 def test_a_training_plan_comes_back_from_its_job_file_as_it_was_written(tmp_path):
-    from agentkd.launch import TrainPlan
-    from agentkd.train_data import TrainingExample
+    from agentkd.training.launch import TrainPlan
+    from agentkd.training.train_data import TrainingExample
 
     plan = TrainPlan(stage="train", iteration=2, objective="posterior_kd", teacher_texts=["4 + 3 = 7."],
                      student_checkpoint="runs/x/checkpoints/1", progress=False, examples=[
@@ -278,7 +278,7 @@ def test_gradient_accumulation_reaches_the_effective_batch():
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
     from agentkd.config import LoraSection
-    from agentkd.optimise import checkpointing_on, sft_step
+    from agentkd.training.optimise import checkpointing_on, sft_step
     from tests.test_train import examples, tiny
 
     exs = examples(16)
@@ -303,7 +303,7 @@ def test_gradient_checkpointing_trains_alike_and_is_on_while_training(lora):
 
 
 def _sft_rows(student, exs):
-    from agentkd.train_data import encode_pair, format_prompt
+    from agentkd.training.train_data import encode_pair, format_prompt
 
     return [(encode_pair(student.tokenizer, format_prompt(e.instruction), e.response, 96),) for e in exs]
 
@@ -328,7 +328,7 @@ BF16_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from agentkd.config import TrainSection
-from agentkd.train import train
+from agentkd.training.train import train
 from tests.test_train import FAST, examples, tiny, trained_proxy_for
 
 exs = examples(24)
@@ -412,7 +412,7 @@ import json, sys, torch
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 from agentkd.config import LoraSection, TrainSection
-from agentkd.train import train
+from agentkd.training.train import train
 from tests.test_train import examples, tiny
 
 exs = examples(16)

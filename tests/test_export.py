@@ -7,8 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from agentkd.export import FIELDS, export_training_data
-from agentkd.store import Store, StoreError
+from agentkd.store.export import FIELDS, export_training_data
+from agentkd.store.writer import Store, StoreError
 from tests.test_report import SIM_KEY, make_run
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from agentkd.cli import EXIT_UNUSABLE, main
 from agentkd.config import FailFastSection, SimSection
-from agentkd.replies import ReplyCheck, UnusableReplies, wilson_lower
-from agentkd.store import Store
+from agentkd.roles.replies import ReplyCheck, UnusableReplies, wilson_lower
+from agentkd.store.writer import Store
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.server import Generation
 from agentkd.workpool import WORKERS_PER_SLOT
@@ -178,7 +178,7 @@ def test_a_referee_answering_in_prose_stops_the_loop_cheaply_and_the_heldout_set
 
 def test_a_non_sim_teachers_heldout_set_is_a_fixed_fifth_of_the_seeds_labels_kept(tmp_path):
     from agentkd.config import config_from_dict
-    from agentkd.pools import initial_items
+    from agentkd.lion.pools import initial_items
 
     rows = [{"text": f"Review number {i}: it was {'fine' if i % 2 else 'bad'}.",
              "label": "positive" if i % 2 else "negative"} for i in range(40)]

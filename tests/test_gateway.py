@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkd.budget import Budget, BudgetExhausted
+from agentkd.gateway.budget import Budget, BudgetExhausted
 from agentkd.config import LimitsSection, PriceSection
-from agentkd.gateway import CallFailed, Gateway, SendingStopped
-from agentkd.ledger import spent_in_store
-from agentkd.retry import Deferred
-from agentkd.store import Store
+from agentkd.gateway.core import CallFailed, Gateway, SendingStopped
+from agentkd.gateway.ledger import spent_in_store
+from agentkd.gateway.retry import Deferred
+from agentkd.store.writer import Store
 from agentkd.teachers.base import (
     AuthError, BadRequest, ConnectFailed, IncompleteResponse, MalformedResponse, Overloaded,
     QuotaExceeded, RateLimited, ReadTimeout, ServerError, TeacherReply, TeacherRequest,
@@ -184,7 +184,7 @@ async def test_a_read_timeout_is_retried_only_if_the_budget_allows(tmp_path, roo
 
 
 def _estimate_and_max(req):
-    from agentkd.tokens import estimate_prompt
+    from agentkd.gateway.tokens import estimate_prompt
     return estimate_prompt(req.messages, req.provider).tokens, req.max_tokens
 
 
@@ -334,7 +334,7 @@ def test_concurrent_admission_never_passes_the_cap(tmp_path_factory, n_tasks, fi
 
 async def test_a_failed_store_write_stops_paid_calls(tmp_path):
     """RELIABILITY 18: once the database cannot be written, no further paid call is sent."""
-    from agentkd.store import StoreError
+    from agentkd.store.writer import StoreError
 
     teacher = ScriptedTeacher()
     gateway, store, _ = await make_gateway(tmp_path, teacher)
@@ -417,7 +417,7 @@ async def test_a_call_whose_cover_cannot_be_written_is_not_sent_and_its_reservat
     teacher = ScriptedTeacher()
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)
     store.before_commit.append(lambda: 1 / 0)  # the first commit (the call's cover) fails
-    from agentkd.store import StoreError
+    from agentkd.store.writer import StoreError
 
     with pytest.raises(StoreError):
         await gateway.complete(request())

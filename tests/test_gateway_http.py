@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkd.budget import Budget, BudgetExhausted
+from agentkd.gateway.budget import Budget, BudgetExhausted
 from agentkd.config import (
     SIM_PRICE,
     LimitsSection,
@@ -34,10 +34,10 @@ from agentkd.config import (
     SimSection,
     resolve_api_key,
 )
-from agentkd.gateway import CallFailed, Gateway
-from agentkd.ledger import spent_in_store
-from agentkd.retry import Deferred
-from agentkd.store import Store
+from agentkd.gateway.core import CallFailed, Gateway
+from agentkd.gateway.ledger import spent_in_store
+from agentkd.gateway.retry import Deferred
+from agentkd.store.writer import Store
 from agentkd.teachers.base import AuthError, QuotaExceeded, TeacherRequest
 from agentkd.teachers.sdk import AnthropicSDKTeacher, OpenAISDKTeacher
 from agentkd.teachers.sim import SimTeacher, sim_in_thread
@@ -642,10 +642,10 @@ KILL_N, KILL_CONCURRENCY = 300, 8
 
 CHILD = """
 import asyncio, sys
-from agentkd.budget import Budget
+from agentkd.gateway.budget import Budget
 from agentkd.config import SIM_PRICE, LimitsSection
-from agentkd.gateway import Gateway
-from agentkd.store import Store
+from agentkd.gateway.core import Gateway
+from agentkd.store.writer import Store
 from agentkd.teachers.wire import WireTeacher
 from tests.test_gateway_http import KILL_CONCURRENCY, kill_workload
 

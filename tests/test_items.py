@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from agentkd.config import ConfigError, TaskSection, config_from_dict
-from agentkd.items import item_schema, parse_item, render
-from agentkd.pools import initial_items
+from agentkd.roles.items import item_schema, parse_item, render
+from agentkd.lion.pools import initial_items
 from agentkd.roles.explainer import task_definition
 from agentkd.roles.requests import RolePrompts
 

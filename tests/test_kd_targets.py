@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from agentkd.config import TrainSection
-from agentkd.kd_targets import KDRows, ShardPart, build_target_shards, open_if_current
-from agentkd.optimise import make_accelerator
-from agentkd.posterior import fit_prior, posterior_targets
-from agentkd.proxy import proxy_target_logps
-from agentkd.train import _posterior_step, _proxy_kd_step, train
-from agentkd.train_data import encode_pair, format_prompt
+from agentkd.training.kd_targets import KDRows, ShardPart, build_target_shards, open_if_current
+from agentkd.training.optimise import make_accelerator
+from agentkd.training.posterior import fit_prior, posterior_targets
+from agentkd.training.proxy import proxy_target_logps
+from agentkd.training.train import _posterior_step, _proxy_kd_step, train
+from agentkd.training.train_data import encode_pair, format_prompt
 from tests.test_train import FAST, examples, proxy_for, tiny, trained_proxy_for
 
 

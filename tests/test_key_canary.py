@@ -29,10 +29,10 @@ import pytest
 
 from agentkd.cli import main
 from agentkd.config import load_config
-from agentkd.gateway import CallFailed
+from agentkd.gateway.core import CallFailed
 from agentkd.roles import calls
 from agentkd.session import teacher_session
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.base import REDACTED, ServerError, TeacherError, key_redacted
 
 KEY_ENV = "AGENTKD_CANARY_KEY"

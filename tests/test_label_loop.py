@@ -12,9 +12,9 @@ import pytest
 
 from agentkd.cli import main
 from agentkd.config import load_config
-from agentkd.loop_plan import plan_calls
-from agentkd.pools import initial_items
-from agentkd.store import Store
+from agentkd.lion.plan import plan_calls
+from agentkd.lion.pools import initial_items
+from agentkd.store.writer import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from agentkd.config import SimSection, TaskSection
-from agentkd.items import item_schema, parse_item, render
+from agentkd.roles.items import item_schema, parse_item, render
 from agentkd.roles.explainer import parse_explanation, task_definition
 from agentkd.teachers.sim import label_world as lw
 from agentkd.teachers.sim.roles import reply

@@ -7,13 +7,13 @@ from collections import deque
 
 import pytest
 
-from agentkd.budget import Budget, BudgetExhausted
+from agentkd.gateway.budget import Budget, BudgetExhausted
 from agentkd.config import LimitsSection, PriceSection
-from agentkd.gateway import Gateway
-from agentkd.ledger import PriorSpend, prior_spend, resume_note, spend_text, spent_in_store
-from agentkd.store import Store
+from agentkd.gateway.core import Gateway
+from agentkd.gateway.ledger import PriorSpend, prior_spend, resume_note, spend_text, spent_in_store
+from agentkd.store.writer import Store
 from agentkd.teachers.base import TeacherReply, TeacherRequest
-from agentkd.tokens import estimate_prompt
+from agentkd.gateway.tokens import estimate_prompt
 from tests.gateway_fakes import FakeClock
 
 PRICE = PriceSection(input_per_mtok=1_000.0, output_per_mtok=2_000.0)  # $0.001/token in, $0.002 out
@@ -208,7 +208,7 @@ def test_sessions_of_older_files_count_as_they_did(tmp_path):
 
 
 def test_the_band_of_unused_room_per_dimension():
-    from agentkd.ledger import _band
+    from agentkd.gateway.ledger import _band
 
     # Capped: M = max(2 worst, 1% of the cap); high = M - worst, target = high / 2, low = high / 4.
     assert _band(1.0, 0.1, 8) == pytest.approx((0.025, 0.05, 0.1))  # 2 worst cases rule
@@ -292,7 +292,7 @@ async def test_the_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_
     """Cap $10, worst case $0.01: M = $0.1, so high = 0.09, target = 0.045, low = 0.0225 (tokens: uncapped,
     max_concurrency 1000 x 8 tokens). Raised to exposure + target when less than `low` is left, lowered to
     exposure + target when more than `high` is unused, nothing written in between."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -332,8 +332,8 @@ async def test_batch_requests_stay_outside_the_level(tmp_path):
     0.005). The level leaves the batch hold its share of the cap (0.012, not 0.015), and the batch result
     settling at $0.1 moves no level: once the online call is released, the level is lowered to the
     target above the online exposure (0), with nothing of the batch result behind it."""
-    from agentkd.budget import Usage
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.budget import Usage
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -379,7 +379,7 @@ def test_batch_settles_are_settled_spend_and_not_part_of_a_cover(tmp_path):
 
 
 async def test_close_writes_nothing_while_a_call_is_in_flight_or_when_nothing_was_covered(tmp_path):
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -400,7 +400,7 @@ async def test_close_writes_nothing_while_a_call_is_in_flight_or_when_nothing_wa
 
 
 async def test_a_resumed_session_covers_only_its_own_spend_and_never_past_what_the_cap_leaves(tmp_path):
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -487,7 +487,7 @@ async def test_every_request_on_the_wire_is_covered_by_what_a_crash_would_count(
 async def test_the_band_follows_the_largest_worst_case_in_each_dimension(tmp_path):
     """Caps $1 and 1,000 tokens (1% = $0.01, 10 tokens): M = max(2 worst, 1%) per dimension, from the
     largest worst case seen in that dimension, even when another call was larger in the other one."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -507,7 +507,7 @@ async def test_the_band_follows_the_largest_worst_case_in_each_dimension(tmp_pat
 async def test_reservations_made_while_a_lower_level_is_on_its_way_are_covered_by_the_next_one(tmp_path):
     """Two levels on their way at once (a lowering queued with a settle row, then a raise): when the first
     commits, the floor is the lower of what is committed and what is still on its way."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -536,7 +536,7 @@ async def test_reservations_made_while_a_lower_level_is_on_its_way_are_covered_b
 
 async def test_the_token_level_is_raised_and_lowered_only_when_it_leaves_its_band(tmp_path):
     """The same in tokens: cap 10,000 (1% = 100 = M), worst case 8: high 92, target 46, low 23."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -562,7 +562,7 @@ async def test_the_token_level_is_raised_and_lowered_only_when_it_leaves_its_ban
 async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lower_of_both(tmp_path, caplog):
     """A lowering's batch is being committed when a raise is queued behind it: once the lowering is
     durable, the floor is the lower of it and the raise still on its way."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -590,7 +590,7 @@ async def test_when_one_of_two_levels_on_their_way_commits_the_floor_is_the_lowe
 
 
 def test_max_concurrency_below_one_counts_as_one(tmp_path):
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     b = Budget(usd=None, tokens=None, price_of=lambda model: PRICE)
@@ -626,7 +626,7 @@ def test_every_session_counts_whatever_order_the_database_returns_them_in(tmp_pa
 async def test_a_level_exactly_at_the_exposure_covers_it(tmp_path, caps):
     """A cap of exactly two worst cases: with both calls reserved the level is the exposure (no more fits
     under the cap), and that covers it: no waiting for a higher level that the cap forbids."""
-    from agentkd.ledger import SpendCover
+    from agentkd.gateway.ledger import SpendCover
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()

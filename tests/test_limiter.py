@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agentkd.config import LimitsSection
-from agentkd.limiter import SAFETY, Limiter, Slots
+from agentkd.gateway.limiter import SAFETY, Limiter, Slots
 from tests.gateway_fakes import FakeClock
 
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 
 from agentkd.config import SimSection, config_from_dict
-from agentkd.logprob_record import evidence_fit
-from agentkd.store import Store
+from agentkd.store.logprob_record import evidence_fit
+from agentkd.store.writer import Store
 from agentkd.teach import teach
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems

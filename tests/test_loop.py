@@ -14,7 +14,7 @@ import pytest
 
 from agentkd.cli import main
 from agentkd.config import SimSection
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.sim import sim_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 
 from agentkd.config import SimSection
-from agentkd.ledger import prior_spend
+from agentkd.gateway.ledger import prior_spend
 from agentkd.teachers.sim import sim_in_thread
 from tests.test_batch import owner
 from tests.test_loop import ROOT, open_store, small_config

@@ -12,7 +12,7 @@ import pytest
 from agentkd.cli import main
 from tests.test_loop import open_store, small_config
 
-# Which verdict a child's parent must have had, by the child's recorded source (agentkd/selection.py).
+# Which verdict a child's parent must have had, by the child's recorded source (agentkd/lion/selection.py).
 PARENT_LABEL = {"hard": "hard", "easy": "easy", "hard_prompt_easy_seed": "easy", "easy_prompt_hard_seed": "hard"}
 # A teacher wrong 30% of the time makes "easy" verdicts (both answers wrong) without a trained student.
 FAULTS = ["--set", "sim.error_rate=0.3", "--set", "sim.referee_unparseable_rate=0.15",

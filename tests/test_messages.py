@@ -15,7 +15,7 @@ import pytest
 
 from agentkd.cli import main
 from agentkd.config import ConfigError, load_config
-from agentkd.role_inputs import ROLE_INPUTS
+from agentkd.roles.inputs import ROLE_INPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

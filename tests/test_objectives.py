@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentkd import objectives as obj
+from agentkd.training import objectives as obj
 
 IGN = obj.IGNORE
 

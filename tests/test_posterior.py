@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from agentkd.config import TrainSection
-from agentkd.ngram import START, NGramPrior, contexts
-from agentkd.posterior import fit_prior, mix_posterior, posterior_targets
-from agentkd.students import build_student, load_spec
-from agentkd.train_data import EncodedRow, TrainingExample, encode_pair, format_prompt
+from agentkd.training.ngram import START, NGramPrior, contexts
+from agentkd.training.posterior import fit_prior, mix_posterior, posterior_targets
+from agentkd.training.students import build_student, load_spec
+from agentkd.training.train_data import EncodedRow, TrainingExample, encode_pair, format_prompt
 
 STUDENTS = Path(__file__).resolve().parent.parent / "students"
 CPU = torch.device("cpu")

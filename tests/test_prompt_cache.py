@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agentkd.budget import Budget, Usage, cost_usd
+from agentkd.gateway.budget import Budget, Usage, cost_usd
 from agentkd.config import PriceSection, SimSection, config_from_dict
-from agentkd.ledger import prior_spend
-from agentkd.store import Store
+from agentkd.gateway.ledger import prior_spend
+from agentkd.store.writer import Store
 from agentkd.teach import teach
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import sample_problems

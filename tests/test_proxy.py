@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from agentkd import objectives as obj  # noqa: E402
+from agentkd.training import objectives as obj  # noqa: E402
 from agentkd.config import ConfigError, TrainSection, config_from_dict  # noqa: E402
-from agentkd.proxy import (  # noqa: E402
+from agentkd.training.proxy import (  # noqa: E402
     MARKER,
     build_proxy_model,
     example_role,
@@ -29,12 +29,12 @@ from agentkd.proxy import (  # noqa: E402
     train_proxy,
     vocab_hash,
 )
-from agentkd.store import Store  # noqa: E402
-from agentkd.students import build_student, load_spec  # noqa: E402
+from agentkd.store.writer import Store  # noqa: E402
+from agentkd.training.students import build_student, load_spec  # noqa: E402
 from agentkd.teachers.sim.world import sample_problems, worked_answer  # noqa: E402
-from agentkd.train import train  # noqa: E402
-from agentkd.train_data import IGNORE, TrainingExample, format_prompt  # noqa: E402
-from agentkd.training_run import proxy_stage  # noqa: E402
+from agentkd.training.train import train  # noqa: E402
+from agentkd.training.train_data import IGNORE, TrainingExample, format_prompt  # noqa: E402
+from agentkd.training.run import proxy_stage  # noqa: E402
 
 STUDENTS = Path(__file__).resolve().parent.parent / "students"
 CPU = Accelerator(cpu=True)
@@ -97,7 +97,7 @@ def test_reference_equals_the_policy_at_the_start_so_the_margin_is_zero():
     cfg = TrainSection(objective="proxy_kd", proxy_spec="x", **FAST)
     pairs = preference_pairs(proxy, exs, cfg, seed=3)
     ref = torch.tensor(reference_logprobs(proxy.model, pairs, CPU, student.tokenizer.pad_token_id))  # (N, 2)
-    from agentkd.train_data import collate
+    from agentkd.training.train_data import collate
 
     batch = collate([p[0] for p in pairs] + [p[1] for p in pairs], student.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_a_proxy_on_another_tokenizer_is_refused_by_vocabulary_hash():
     # same vocabulary size, other merges: a size check would pass this
     other = build_student(load_spec(STUDENTS / "tiny.toml"), corpus=[e.response for e in sim_examples(50, seed=9)])
     assert vocab_hash(other.tokenizer) != vocab_hash(student.tokenizer)
-    from agentkd.proxy import check_same_tokenizer
+    from agentkd.training.proxy import check_same_tokenizer
 
     with pytest.raises(ConfigError, match="tokenizer"):
         check_same_tokenizer(student, other)
@@ -215,8 +215,8 @@ def test_iteration_two_continues_iteration_ones_proxy_and_a_resumed_run_loads_it
         # iteration 2 starts from iteration 1's weights (its "before" is iteration 1's end on that
         # iteration's held-out answers, far better than a fresh proxy's)
         fresh = proxy_for(student)
-        from agentkd.proxy import mean_logprob
-        from agentkd.train_data import encode_pair
+        from agentkd.training.proxy import mean_logprob
+        from agentkd.training.train_data import encode_pair
 
         kd = split_by_role(exs, config.train.proxy_split)["kd"]
         held = [encode_pair(student.tokenizer, format_prompt(e.instruction), e.response, 96) for e in kd]
@@ -260,8 +260,8 @@ def test_proxy_targets_are_top_k_of_the_proxy_with_exact_tail_and_zscore_weights
     student = student_for(exs)
     proxy = proxy_for(student)
     tok = student.tokenizer
-    from agentkd.proxy import proxy_targets
-    from agentkd.train_data import collate, encode_pair
+    from agentkd.training.proxy import proxy_targets
+    from agentkd.training.train_data import collate, encode_pair
 
     cfg = TrainSection(objective="proxy_kd", proxy_spec="x", proxy_top_k=4, **FAST)
     rows = [encode_pair(tok, format_prompt(e.instruction), e.response, 96) for e in exs]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agentkd.report import write_report
-from agentkd.store import Store, StoreError, StoreLockedError
+from agentkd.lion.report import write_report
+from agentkd.store.writer import Store, StoreError, StoreLockedError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIM_KEY = "sk-sim-secret-0123456789abcdef"  # sim.require_api_key is a real config field holding a key
@@ -192,7 +192,7 @@ def test_report_while_a_run_writes_names_the_lock_holder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from agentkd.store import Store
+            from agentkd.store.writer import Store
             s = Store({str(run_dir / 'agentkd.duckdb')!r})
             print("ready", flush=True)
             time.sleep(30)

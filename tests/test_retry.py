@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentkd.config import LimitsSection
-from agentkd.retry import Deferred, is_retryable, parse_duration, retry_after_seconds, wait_before_retry
+from agentkd.gateway.retry import Deferred, is_retryable, parse_duration, retry_after_seconds, wait_before_retry
 from agentkd.teachers.base import (
     AuthError, BadRequest, ConnectFailed, IncompleteResponse, MalformedResponse, Overloaded,
     QuotaExceeded, RateLimited, ReadTimeout, ServerError, error_for_status,
@@ -115,7 +115,7 @@ def test_retry_after_http_date_in_the_past_is_now_and_without_a_zone_is_ignored(
 
 
 def test_full_jitter_draws_uniformly_below_the_capped_exponential():
-    from agentkd.retry import full_jitter
+    from agentkd.gateway.retry import full_jitter
 
     limits = LimitsSection(backoff_base_s=0.5, backoff_max_s=3.0, max_wait_s=120)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:

@@ -9,13 +9,13 @@ import random
 import pytest
 from rich.console import Console
 
-import agentkd.loop as loop_module
+import agentkd.lion.loop as loop_module
 from agentkd.config import ConfigError, config_from_dict
-from agentkd.loop import Lion
-from agentkd.loop_plan import calls_per_iteration, plan_calls
-from agentkd.pools import Item
+from agentkd.lion.loop import Lion
+from agentkd.lion.plan import calls_per_iteration, plan_calls
+from agentkd.lion.pools import Item
 from agentkd.roles.requests import RolePrompts
-from agentkd.selection import generator_draws, judge_metrics
+from agentkd.lion.selection import generator_draws, judge_metrics
 from agentkd.session import teacher_session
 from agentkd.teachers.base import TeacherReply
 from agentkd.teachers.sim.roles import reply

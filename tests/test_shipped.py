@@ -71,7 +71,7 @@ def test_an_installed_wheel_carries_the_prompts_and_student_specs(tmp_path):
         "import agentkd, pathlib\n"
         "from agentkd.config import config_from_dict\n"
         "from agentkd.roles.requests import RolePrompts\n"
-        "from agentkd.students import load_spec\n"
+        "from agentkd.training.students import load_spec\n"
         "config = config_from_dict({'roles': {'explainer': {'prompt': 'prompts/explainer_6shot.md'}}})\n"
         "print(pathlib.Path(agentkd.__file__).parent)\n"
         "print(load_spec(config.resolve_path(config.student.spec)).name)\n"

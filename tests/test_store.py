@@ -12,8 +12,8 @@ import time
 import duckdb
 import pytest
 
-from agentkd.store import SCHEMA, VIEWS, Store, StoreError, StoreLockedError
-from agentkd.store_db import Database
+from agentkd.store.writer import SCHEMA, VIEWS, Store, StoreError, StoreLockedError
+from agentkd.store.db import Database
 
 
 def test_schema_has_the_tables_the_design_requires(tmp_path):
@@ -159,7 +159,7 @@ def test_second_writer_process_gets_a_clear_error_naming_the_pid(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from agentkd.store import Store
+            from agentkd.store.writer import Store
             s = Store({str(path)!r})
             print("ready", flush=True)
             time.sleep(30)
@@ -188,7 +188,7 @@ def test_write_failure_marks_the_store_failed(tmp_path):
 
 WRITER = textwrap.dedent("""
     import asyncio, sys
-    from agentkd.store import Store
+    from agentkd.store.writer import Store
 
     async def main(path):
         store = Store(path)
@@ -225,7 +225,7 @@ def test_acknowledged_rows_survive_kill_9(tmp_path):
 
 
 async def test_the_writer_commits_what_is_queued_in_batches_of_at_most_2000_rows(tmp_path):
-    from agentkd import store as store_module
+    from agentkd.store import writer as store_module
 
     store = Store(tmp_path / "run.duckdb")
     await store.start()
@@ -280,7 +280,7 @@ async def test_rows_queued_just_before_close_are_committed_by_it(tmp_path):
 
 
 def test_a_row_may_set_every_column_of_its_table(tmp_path):
-    from agentkd.store import COLUMNS
+    from agentkd.store.writer import COLUMNS
 
     store = Store(tmp_path / "run.duckdb")
     row = {c: None for c in COLUMNS["metrics"]} | {"name": "m", "value": 1.0, "iteration": 0}

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from agentkd.store import Store
+from agentkd.store.writer import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENTIAL, BURST = 8, 60  # awaited one at a time, then submitted together (several rows per batch)
 
 WRITER = textwrap.dedent(f"""
     import asyncio, sys
-    from agentkd.store import Store
+    from agentkd.store.writer import Store
 
     def row(i):
         return {{"key": f"k{{i}}", "role": "answerer", "status": "ok", "response_text": f"answer {{i}}"}}

@@ -14,21 +14,21 @@ import pytest
 
 from agentkd.cli import main
 from agentkd.config import SimSection
-from agentkd.dedup import instruction_id
-from agentkd.export import accepted_rows, export_training_data
-from agentkd.dedup import InstructionIndex
-from agentkd.items import GeneratedItem
-from agentkd.pools import all_texts, stored_instructions, train_pool
-from agentkd.role_rows import GeneratedIntake
-from agentkd.report import load_run
+from agentkd.lion.dedup import instruction_id
+from agentkd.store.export import accepted_rows, export_training_data
+from agentkd.lion.dedup import InstructionIndex
+from agentkd.roles.items import GeneratedItem
+from agentkd.lion.pools import all_texts, stored_instructions, train_pool
+from agentkd.lion.role_rows import GeneratedIntake
+from agentkd.lion.report import load_run
 from agentkd.roles.generator import parse_generated
-from agentkd.store import SCHEMA, Store
+from agentkd.store.writer import SCHEMA, Store
 from agentkd.teachers.sim import roles, sim_in_thread
 from agentkd.teachers.sim.protocol import ModelRequest
 from agentkd.teachers.sim.roles import data_blocks
 from agentkd.teachers.sim.server import Generation
 from agentkd.teachers.sim.world import sample_problems
-from agentkd.training_run import examples_from_store
+from agentkd.training.run import examples_from_store
 from tests.test_loop import SMALL, open_store
 
 

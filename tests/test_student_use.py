@@ -19,9 +19,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from agentkd.cli import main  # noqa: E402
-from agentkd.decode import generate_answers  # noqa: E402
-from agentkd.students import build_student, load_spec, save_checkpoint  # noqa: E402
-from agentkd.train_data import format_prompt, prompt_ids  # noqa: E402
+from agentkd.training.decode import generate_answers  # noqa: E402
+from agentkd.training.students import build_student, load_spec, save_checkpoint  # noqa: E402
+from agentkd.training.train_data import format_prompt, prompt_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [f"What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}."
@@ -151,8 +151,8 @@ def test_eval_of_a_label_task_run_renders_items_and_scores_labels(tmp_path, caps
     """A student trained to answer "entailment" on rendered NLI items: scored by label, synonyms and case
     read as the loop reads them, so 2 of the 3 rows with a gold label are right."""
     from agentkd.config import TrainSection
-    from agentkd.train import train
-    from agentkd.train_data import TrainingExample
+    from agentkd.training.train import train
+    from agentkd.training.train_data import TrainingExample
 
     texts = [f"premise: Ann has {a} pens.\nhypothesis: Ann has {b} pens." for a in range(10) for b in range(4)]
     nli = build_student(load_spec(ROOT / "students" / "tiny.toml"), seed=1,

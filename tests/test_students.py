@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from agentkd.config import ConfigError, LoraSection  # noqa: E402
-from agentkd.students import (  # noqa: E402
+from agentkd.training.students import (  # noqa: E402
     Student,
     StudentSpec,
     build_student,

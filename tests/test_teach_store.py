@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 from agentkd.cli import main
-from agentkd.dedup import instruction_id
-from agentkd.store import Store
+from agentkd.lion.dedup import instruction_id
+from agentkd.store.writer import Store
 from agentkd.teachers.sim.world import sample_problems
 from tests.test_cli import problems, read_rows, write_config, write_rows
 

@@ -13,10 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from agentkd.config import ConfigError, LoraSection, TrainSection  # noqa: E402
-from agentkd.students import build_student, load_checkpoint, load_spec  # noqa: E402
-from agentkd.posterior import fit_prior, posterior_targets  # noqa: E402
-from agentkd.train import generate_answers, train  # noqa: E402
-from agentkd.train_data import TrainingExample, encode_pair, format_prompt  # noqa: E402
+from agentkd.training.students import build_student, load_checkpoint, load_spec  # noqa: E402
+from agentkd.training.posterior import fit_prior, posterior_targets  # noqa: E402
+from agentkd.training.train import generate_answers, train  # noqa: E402
+from agentkd.training.train_data import TrainingExample, encode_pair, format_prompt  # noqa: E402
 
 STUDENTS = Path(__file__).resolve().parent.parent / "students"
 
@@ -68,7 +68,7 @@ def proxy_for(student, seed=1):
 
 
 def trained_proxy_for(student, exs, cfg):
-    from agentkd.proxy import train_proxy
+    from agentkd.training.proxy import train_proxy
 
     proxy = proxy_for(student)
     train_proxy(proxy, exs, cfg, seed=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from agentkd.objectives import SparseTargets
-from agentkd.train_data import EncodedRow, collate_targets
+from agentkd.training.objectives import SparseTargets
+from agentkd.training.train_data import EncodedRow, collate_targets
 
 
 def targets(n: int, k: int, seed: int) -> SparseTargets:

@@ -10,11 +10,11 @@ import torch
 
 from agentkd.cli import main
 from agentkd.config import load_config
-from agentkd.store import Store
-from agentkd.students import build_student, load_checkpoint, load_spec
+from agentkd.store.writer import Store
+from agentkd.training.students import build_student, load_checkpoint, load_spec
 from agentkd.teachers.sim.world import final_number, sample_problems
-from agentkd.train import generate_answers
-from agentkd.training_run import examples_from_store, tokenizer_corpus
+from agentkd.training.train import generate_answers
+from agentkd.training.run import examples_from_store, tokenizer_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +48,9 @@ def test_a_short_rationale_keeps_its_row_for_the_label_task_only(tmp_path):
     without a label trains on the teacher's answer alone."""
     from agentkd.config import TaskSection
     from agentkd.roles.explainer import parse_explanation, task_definition
-    from agentkd.students import build_student, load_spec
-    from agentkd.train import rationale_rows
-    from agentkd.train_data import format_prompt
+    from agentkd.training.students import build_student, load_spec
+    from agentkd.training.train import rationale_rows
+    from agentkd.training.train_data import format_prompt
 
     task = task_definition(TaskSection(kind="arithmetic"))
     replies = {"full": "Label: 7\nReason: three apples plus four apples make seven apples.",

@@ -16,7 +16,7 @@ from pathlib import Path
 from agentkd.cli import main
 from agentkd.config import SimSection
 from agentkd.run_status import read_status
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.sim import sim_in_thread
 from tests.test_cli import problems, write_rows
 

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentkd.store import Store
+from agentkd.store.writer import Store
 from agentkd.teachers.base import TeacherRequest
 
 

@@ -29,21 +29,21 @@ from typing import Any, TypeVar
 from agentkd.batches import BatchesPending
 from agentkd.batches.providers import BatchAPI, BatchState, Outcome
 from agentkd.batches.records import OpenBatch, open_batches
-from agentkd.budget import BudgetExhausted, Reservation, Usage
+from agentkd.gateway.budget import BudgetExhausted, Reservation, Usage
 from agentkd.config import BatchSection
-from agentkd.gateway import CallFailed, Completion, Gateway, SendingStopped
-from agentkd.store import StoreError
+from agentkd.gateway.core import CallFailed, Completion, Gateway, SendingStopped
+from agentkd.store.writer import StoreError
 from agentkd.teachers.base import (
     ConnectFailed,
     TeacherError,
     TeacherReply,
     TeacherRequest,
 )
-from agentkd.tokens import Estimate, estimate_prompt
+from agentkd.gateway.tokens import Estimate, estimate_prompt
 
 T = TypeVar("T")
 SUBMIT_ATTEMPTS = 6
-# Test hook (like store.py's): SIGKILL this process right after the named step of a batch is durable:
+# Test hook (like store/writer.py's): SIGKILL this process right after the named step of a batch is durable:
 # "prepared", "uploaded" (OpenAI: between the upload and the create), "created" (the provider has the
 # batch, the store does not know its id yet), "submitted".
 _KILL_AT = os.environ.get("AGENTKD_TEST_KILL_AT") or ""

@@ -21,15 +21,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentkd.budget import Budget, BudgetExhausted, Reservation, Usage
+from agentkd.gateway.budget import Budget, BudgetExhausted, Reservation, Usage
 from agentkd.config import LimitsSection
-from agentkd.ledger import PriorSpend, SpendCover, prior_spend
-from agentkd.limiter import Limiter
-from agentkd.logprob_record import record_columns
-from agentkd.retry import Deferred, retrying
-from agentkd.store import Store, StoreError
+from agentkd.gateway.ledger import PriorSpend, SpendCover, prior_spend
+from agentkd.gateway.limiter import Limiter
+from agentkd.store.logprob_record import record_columns
+from agentkd.gateway.retry import Deferred, retrying
+from agentkd.store.writer import Store, StoreError
 from agentkd.teachers.base import RateLimited, Teacher, TeacherError, TeacherReply, TeacherRequest
-from agentkd.tokens import estimate_prompt
+from agentkd.gateway.tokens import estimate_prompt
 
 
 @dataclass

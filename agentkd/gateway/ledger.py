@@ -35,8 +35,8 @@ import asyncio
 from collections import deque
 from typing import Any, NamedTuple
 
-from agentkd.budget import Budget
-from agentkd.store import Store
+from agentkd.gateway.budget import Budget
+from agentkd.store.writer import Store
 
 EPS = 1e-12
 CAP_SHARE = 0.01  # of the cap: at most this (or two worst cases) counted unspent after a crash

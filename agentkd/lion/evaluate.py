@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from agentkd.pools import Item
+from agentkd.lion.pools import Item
 from agentkd.roles.explainer import TaskDefinition
 from agentkd.teachers.sim.world import final_number
 

@@ -26,20 +26,20 @@ from typing import NamedTuple
 
 from rich.console import Console
 
-from agentkd import pools
-from agentkd.budget import BudgetExhausted
+from agentkd.lion import pools
+from agentkd.gateway.budget import BudgetExhausted
 from agentkd.config import RunConfig
-from agentkd.dedup import InstructionIndex
-from agentkd.ledger import spend_text
-from agentkd.role_rows import GeneratedIntake, judgment_rows
+from agentkd.lion.dedup import InstructionIndex
+from agentkd.gateway.ledger import spend_text
+from agentkd.lion.role_rows import GeneratedIntake, judgment_rows
 from agentkd.roles import calls
-from agentkd.proxy_check import weaker_than_student
-from agentkd.selection import Draw, generator_draws, judge_metrics
+from agentkd.training.proxy_check import weaker_than_student
+from agentkd.lion.selection import Draw, generator_draws, judge_metrics
 from agentkd.session import TeacherSession, teacher_session
-from agentkd.students import Student
+from agentkd.training.students import Student
 from agentkd.terminal import labelled, plain_console
-from agentkd.train import generate_answers
-from agentkd.training_run import (examples_from_store, launched_stage, load_student, needs_proxy, proxy_stage,
+from agentkd.training.train import generate_answers
+from agentkd.training.run import (examples_from_store, launched_stage, load_student, needs_proxy, proxy_stage,
                                  teacher_corpus, train_iteration)
 from agentkd.workpool import PoolOutcome, run_all
 
@@ -51,7 +51,7 @@ def run_loop(config: RunConfig, *, show_progress: bool = True, console: Console 
     try:
         summary = asyncio.run(_run(config, show_progress, console))
     except BudgetExhausted as err:
-        from agentkd.loop_plan import remaining_cost
+        from agentkd.lion.plan import remaining_cost
 
         console.print(labelled("budget stop:", "yellow", str(err)))
         console.print(remaining_cost(config), highlight=False)
@@ -63,7 +63,7 @@ def run_loop(config: RunConfig, *, show_progress: bool = True, console: Console 
 
 
 async def _run(config: RunConfig, show_progress: bool, console: Console) -> str:
-    from agentkd.report import write_report
+    from agentkd.lion.report import write_report
 
     async with teacher_session(config, console=console) as session:
         lion = Lion(config, session, console, show_progress)
@@ -234,7 +234,7 @@ class Lion:
     async def _judge_by_label(self, t: int, sample: list[pools.Item], teacher: dict[str, str]) -> None:
         """Label tasks (loop.discriminate = "label"): hard iff the student's label differs from the teacher's,
         a label that does not parse included. No referee call; what both orders would have cost is reported."""
-        from agentkd.evaluate import student_label
+        from agentkd.lion.evaluate import student_label
 
         labels = await self._student_labels(sample, t, temperature=self.config.train.student_temperature)
         rows = []
@@ -251,7 +251,7 @@ class Lion:
                            f"no referee calls (2 x {len(sample)} saved: ${low:.4f} input .. ${high:.4f} worst case)")
 
     async def generate(self, t: int) -> None:
-        """New instructions for A(t+1) from seeds of B(t) (agentkd/selection.py: Lion's hard/easy, or the
+        """New instructions for A(t+1) from seeds of B(t) (agentkd/lion/selection.py: Lion's hard/easy, or the
         random baseline), filtered and de-duplicated against every pool instruction."""
         pool = pools.cache_pool(self.store, t)
         labels = pools.verdict_labels(self.store, t) if self.loop.selection == "lion" else {}
@@ -285,7 +285,7 @@ class Lion:
 
     async def evaluate(self, t: int) -> None:
         """Held-out task accuracy, and the referee-judged capability ratio (Lion's metric)."""
-        from agentkd.evaluate import accuracy
+        from agentkd.lion.evaluate import accuracy
 
         items = pools.heldout(self.store)
         by_label = self.config.discriminate == "label"
@@ -442,8 +442,8 @@ class StudentAnswers(NamedTuple):
 def referee_cost(config: RunConfig, prompts, sample: Sequence[pools.Item], teacher: dict[str, str],
                  student: dict[str, str]) -> tuple[float, float]:
     """USD the referee would have cost on `sample` in both orders: input only, and with max_tokens out."""
-    from agentkd.budget import Usage, cost_usd
-    from agentkd.tokens import estimate_prompt
+    from agentkd.gateway.budget import Usage, cost_usd
+    from agentkd.gateway.tokens import estimate_prompt
 
     low = high = 0.0
     for item in sample:

@@ -6,11 +6,11 @@ else from one rendered prompt per role; output is bounded by each role's max_tok
 
 from __future__ import annotations
 
-from agentkd.budget import Usage, cost_usd
+from agentkd.gateway.budget import Usage, cost_usd
 from agentkd.config import RunConfig
 from agentkd.roles.requests import RolePrompts
-from agentkd.store import Store
-from agentkd.tokens import estimate_prompt
+from agentkd.store.writer import Store
+from agentkd.gateway.tokens import estimate_prompt
 
 SAMPLE_TEXT = "Ann has 12 apples. Ann gets 7 more apples. How many apples does Ann have now?"
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, replace
 
 from agentkd.config import ConfigError, RunConfig
 from agentkd.datasets import read_jsonl
-from agentkd.dedup import instruction_id
-from agentkd.store import Store
+from agentkd.lion.dedup import instruction_id
+from agentkd.store.writer import Store
 
 
 @dataclass(frozen=True)
 class Item:
     id: str
-    text: str  # the rendered item (agentkd/items.py): what every prompt, the student and dedup see
+    text: str  # the rendered item (agentkd/roles/items.py): what every prompt, the student and dedup see
     iteration: int
     source: str
     answer: str | None = None  # the checkable answer (gold label) of a held-out item, if known
@@ -106,7 +106,7 @@ def _unique_sets(seeds: list[Item], heldout: list[Item]) -> tuple[list[Item], li
 def _label_items(config: RunConfig) -> tuple[list[Item], list[Item]]:
     """Label tasks: items of task.input_fields from the files (held-out rows with a gold "label"), else
     NLI or multiple-choice items of the sim's label world (teachers/sim/label_world.py)."""
-    from agentkd.items import fields_of_row, item_schema, render
+    from agentkd.roles.items import fields_of_row, item_schema, render
     from agentkd.roles.explainer import task_definition
 
     loop, schema, task = config.loop, item_schema(config.task), task_definition(config.task)

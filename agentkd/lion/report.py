@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentkd.budget import Usage, cost_usd
+from agentkd.gateway.budget import Usage, cost_usd
 from agentkd.config import ConfigError, RunConfig, TaskSection
-from agentkd.export import open_run_store
-from agentkd.proxy_check import weaker_than_student
-from agentkd.replies import parse_failures
-from agentkd.store import Store
+from agentkd.store.export import open_run_store
+from agentkd.training.proxy_check import weaker_than_student
+from agentkd.roles.replies import parse_failures
+from agentkd.store.writer import Store
 
 SPEND_ROLES = ("answerer", "explainer", "referee", "generator", "eval")
 ROLE_COLORS = {"answerer": "#4C72B0", "explainer": "#55A868", "referee": "#C44E52",

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agentkd.dedup import InstructionIndex, instruction_id
-from agentkd.items import GeneratedItem
-from agentkd.pools import Stored
+from agentkd.lion.dedup import InstructionIndex, instruction_id
+from agentkd.roles.items import GeneratedItem
+from agentkd.lion.pools import Stored
 from agentkd.roles.calls import JudgedPair
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from agentkd.config import LoopSection
-from agentkd.pools import Item
+from agentkd.lion.pools import Item
 from agentkd.roles.requests import GeneratorPrompt
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from agentkd.gateway import Completion, Gateway
+from agentkd.gateway.core import Completion, Gateway
 from agentkd.roles.explainer import Explanation, parse_explanation, parse_rationale
-from agentkd.items import GeneratedItem, parse_item
+from agentkd.roles.items import GeneratedItem, parse_item
 from agentkd.roles.referee import Judgment, Verdict, combine_orders, parse_judgment
 from agentkd.roles.requests import GeneratorPrompt, RolePrompts
 
@@ -90,6 +90,6 @@ async def generate(gateway: Gateway, prompts: RolePrompts, seed_instruction: str
 
 
 def _check(gateway: Gateway, role: str, usable: bool, reply: str, why: str | None) -> None:
-    """Fail fast (agentkd/replies.py): raises UnusableReplies once the role's results are mostly unusable."""
+    """Fail fast (agentkd/roles/replies.py): raises UnusableReplies once the role's results are mostly unusable."""
     if gateway.reply_check is not None:
         gateway.reply_check.record(role, usable, reply, why)

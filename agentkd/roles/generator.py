@@ -6,7 +6,7 @@ removed), since some providers ignore the format request. A reply that looks lik
 decode is rejected, never taken as bare text. Filters (each rejection is data with a reason, never an
 exception): truncated (finish_reason "length"), empty, not a string, a list or an object of the wrong
 shape, over MAX_INSTRUCTION_CHARS, <= 3 words, starting with punctuation, or echoing the prompt's own
-headers and data blocks. The ROUGE-L near-duplicate filter lives in agentkd/dedup.py.
+headers and data blocks. The ROUGE-L near-duplicate filter lives in agentkd/lion/dedup.py.
 """
 
 from __future__ import annotations

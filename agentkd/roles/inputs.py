@@ -73,7 +73,7 @@ def read_role_rows(path: Path, role: str, *, rationale_rate: float,
 
 
 def _instruction_from_fields(task: TaskSection):
-    from agentkd.items import fields_of_row, item_schema, render
+    from agentkd.roles.items import fields_of_row, item_schema, render
 
     schema = item_schema(task)
     if not schema.structured:

@@ -28,7 +28,7 @@ from typing import Any
 
 from agentkd.config import FailFastSection, TaskSection
 from agentkd.roles.explainer import parse_explanation, parse_rationale, task_definition
-from agentkd.items import item_schema, parse_item
+from agentkd.roles.items import item_schema, parse_item
 from agentkd.roles.referee import parse_judgment
 
 Z_ONE_SIDED_95 = 1.645

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentkd.config import ConfigError, RunConfig
-from agentkd.items import item_format, item_json_schema, item_schema
+from agentkd.roles.items import item_format, item_json_schema, item_schema
 from agentkd.roles.explainer import TaskDefinition, explanation_schema, rationale_schema, task_definition
 from agentkd.roles.generator import generated_schema
 from agentkd.roles.referee import judgment_schema

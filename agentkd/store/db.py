@@ -1,6 +1,6 @@
 """The one DuckDB connection of a run: schema at open, batched appends, queries.
 
-`Store` (store.py) puts the asyncio side in front of it: the queue, the single writer task and the
+`Store` (store/writer.py) puts the asyncio side in front of it: the queue, the single writer task and the
 queries the rest of agentkd uses.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from agentkd.store_schema import COLUMNS, SCHEMA, VIEWS, StoreError, StoreLockedError
+from agentkd.store.schema import COLUMNS, SCHEMA, VIEWS, StoreError, StoreLockedError
 
 CREATED_AT = {table: COLUMNS[table].index("created_at") for table in SCHEMA}
 ONE_MICROSECOND = dt.timedelta(microseconds=1)

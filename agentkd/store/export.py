@@ -1,6 +1,6 @@
 """Export a run's training data (instruction, teacher answer, rationale) as JSONL or Parquet.
 
-The rows are the run database's training_examples view, the one training reads (training_run.py): every
+The rows are the run database's training_examples view, the one training reads (training/run.py): every
 pooled, teacher-answered instruction, never one that was ever held out, with the teacher answer, label
 and rationale training uses. With loop.imitate_on = "cache_pool" the last iteration trained on exactly
 these rows; with "train_pool", iteration t trained on the rows whose `iteration` is t. Order is
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from agentkd.store import Store, StoreError
+from agentkd.store.writer import Store, StoreError
 
 DB_NAME = "agentkd.duckdb"
 FIELDS = ("id", "instruction", "teacher_answer", "rationale", "label", "source", "parent_id", "iteration", "fields")

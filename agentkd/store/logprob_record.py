@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentkd.store import Store
+from agentkd.store.writer import Store
 
 
 def record_columns(temperature: float, logprobs: list[dict[str, Any]], tokenizer_hash: str | None) -> dict[str, Any]:

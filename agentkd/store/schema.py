@@ -1,6 +1,6 @@
 """The run database's schema: tables, views, and the errors a store raises.
 
-Kept apart from the store itself so the writer process (store_db.py) loads only what it needs.
+Kept apart from the store itself so the writer process (store/db.py) loads only what it needs.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ SCHEMA: dict[str, list[tuple[str, str]]] = {
         ("id", "VARCHAR"), ("text", "VARCHAR"), ("source", "VARCHAR"), ("parent_id", "VARCHAR"),
         ("iteration", "INTEGER"), ("pool", "VARCHAR"), ("rouge_nearest", "DOUBLE"),
         ("rejected_reason", "VARCHAR"), ("answer", "VARCHAR"), ("created_at", "TIMESTAMP"),
-        ("fields", "VARCHAR"),  # JSON object of a structured item's fields (agentkd/items.py); NULL: plain text
+        ("fields", "VARCHAR"),  # JSON object of a structured item's fields (agentkd/roles/items.py); NULL: plain text
         ("call_key", "VARCHAR"),
     ],
     "responses": [

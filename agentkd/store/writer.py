@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentkd.store_db import Database
-from agentkd.store_schema import COLUMN_SETS, COLUMNS, SCHEMA, VIEWS, StoreError, StoreLockedError
+from agentkd.store.db import Database
+from agentkd.store.schema import COLUMN_SETS, COLUMNS, SCHEMA, VIEWS, StoreError, StoreLockedError
 
 __all__ = ["COLUMNS", "SCHEMA", "VIEWS", "Store", "StoreError", "StoreLockedError"]
 

@@ -6,8 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from agentkd.students import Student
-from agentkd.train_data import format_prompt, left_padded
+from agentkd.training.students import Student
+from agentkd.training.train_data import format_prompt, left_padded
 
 
 def _generate(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agentkd.train_data import TrainingExample
+from agentkd.training.train_data import TrainingExample
 
 
 def evidence_width(examples: Sequence[TrainingExample]) -> int:

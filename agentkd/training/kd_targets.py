@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from agentkd.objectives import SparseTargets
+from agentkd.training.objectives import SparseTargets
 
 MANIFEST = "manifest.json"
 

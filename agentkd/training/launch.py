@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentkd.config import ConfigError, RunConfig, TrainSection, dump_config
-from agentkd.train import TrainResult
-from agentkd.train_data import TrainingExample
+from agentkd.training.train import TrainResult
+from agentkd.training.train_data import TrainingExample
 
 Stage = Literal["proxy", "train"]
 PLAN, ROWS, RESULT = "plan.json", "rows.jsonl", "result.json"
@@ -126,7 +126,7 @@ def prepare_job(config: RunConfig, stage: Stage, iteration: int, examples: Seque
                 objective: str | None = None, progress: bool = True) -> Path:
     """A fresh job folder for one launched stage. A student without a checkpoint is saved into it, so
     the launched processes continue from exactly the loop's weights and tokenizer."""
-    from agentkd.students import save_checkpoint
+    from agentkd.training.students import save_checkpoint
 
     job = job_dir(config, iteration, stage)
     shutil.rmtree(job, ignore_errors=True)

@@ -33,10 +33,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 
-from agentkd import objectives as obj
+from agentkd.training import objectives as obj
 from agentkd.config import ConfigError, TrainSection
-from agentkd.fsdp import full_state_dict, shard_model
-from agentkd.train_data import EncodedRow, collate
+from agentkd.training.fsdp import full_state_dict, shard_model
+from agentkd.training.train_data import EncodedRow, collate
 
 LogMetric = Callable[[str, float, int], None]
 StepLoss = Callable[[Any, list[Any]], tuple[torch.Tensor, int]]  # (model, rows) -> (loss, tokens)

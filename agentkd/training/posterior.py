@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from agentkd.config import TrainSection
-from agentkd.evidence import aligned_evidence, evidence_width
-from agentkd.ngram import NGramPrior, contexts
-from agentkd.objectives import SparseTargets
-from agentkd.optimise import pad_id_of
-from agentkd.train_data import EncodedRow, TrainingExample, collate
+from agentkd.training.evidence import aligned_evidence, evidence_width
+from agentkd.training.ngram import NGramPrior, contexts
+from agentkd.training.objectives import SparseTargets
+from agentkd.training.optimise import pad_id_of
+from agentkd.training.train_data import EncodedRow, TrainingExample, collate
 
 
 @dataclass(frozen=True)

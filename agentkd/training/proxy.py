@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from agentkd import objectives as obj
+from agentkd.training import objectives as obj
 from agentkd.config import ConfigError, TrainSection
-from agentkd.decode import sample_response_ids
-from agentkd.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of, sft_step
-from agentkd.students import Student, StudentSpec, build_student, load_checkpoint, save_checkpoint
-from agentkd.train_data import EncodedRow, TrainingExample, collate, encode_pair, encode_response_ids, format_prompt
+from agentkd.training.decode import sample_response_ids
+from agentkd.training.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of, sft_step
+from agentkd.training.students import Student, StudentSpec, build_student, load_checkpoint, save_checkpoint
+from agentkd.training.train_data import EncodedRow, TrainingExample, collate, encode_pair, encode_response_ids, format_prompt
 
 ROLES = ("warmup", "align", "kd")
 MARKER = "agentkd_proxy.json"  # written last: a folder without it is not a usable proxy

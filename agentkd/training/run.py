@@ -19,17 +19,17 @@ from accelerate.utils import broadcast_object_list, gather_object
 from transformers.utils import logging as hf_logging
 
 from agentkd.config import ConfigError, RunConfig
-from agentkd.launch import (Discard, JobRows, Stage, TrainPlan, job_rows, prepare_job, read_result, run_job,
+from agentkd.training.launch import (Discard, JobRows, Stage, TrainPlan, job_rows, prepare_job, read_result, run_job,
                             write_result)
-from agentkd.optimise import make_accelerator
-from agentkd.store import Store, StoreLockedError
-from agentkd.proxy import MARKER as PROXY_MARKER
-from agentkd.logprob_record import evidence_fit
-from agentkd.proxy import (build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy,
+from agentkd.training.optimise import make_accelerator
+from agentkd.store.writer import Store, StoreLockedError
+from agentkd.training.proxy import MARKER as PROXY_MARKER
+from agentkd.store.logprob_record import evidence_fit
+from agentkd.training.proxy import (build_proxy_model, check_same_tokenizer, latest_proxy_dir, load_proxy, save_proxy, train_proxy,
                            vocab_hash)
-from agentkd.students import Student, build_student, load_checkpoint, load_spec
-from agentkd.train import TrainResult, train
-from agentkd.train_data import TrainingExample
+from agentkd.training.students import Student, build_student, load_checkpoint, load_spec
+from agentkd.training.train import TrainResult, train
+from agentkd.training.train_data import TrainingExample
 
 hf_logging.disable_progress_bar()  # "Writing model shards" bars on every checkpoint are noise here
 
@@ -40,7 +40,7 @@ class RowSink(Protocol):
     def append_now(self, table: str, rows: Iterable[Mapping[str, Any]]) -> int: ...
 
 
-# The training_examples view (store_schema.py) is what `agentkd export` writes too; the call's logprobs
+# The training_examples view (store/schema.py) is what `agentkd export` writes too; the call's logprobs
 # come along for posterior KD's evidence.
 _EXAMPLES_SQL = """
 SELECT e.instruction, e.teacher_answer, e.label, e.rationale, c.logprobs_json

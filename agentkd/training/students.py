@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from agentkd.config import ConfigError, LoraSection, format_validation_error, read_user_file
-from agentkd.train_data import Task, chat_template
+from agentkd.training.train_data import Task, chat_template
 
 SPEC_FILE = "agentkd_student.json"  # the spec a checkpoint was built from, for humans and load_checkpoint
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"

@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from agentkd import objectives as obj
+from agentkd.training import objectives as obj
 from agentkd.config import ConfigError, TrainSection
-from agentkd.decode import generate_answers  # noqa: F401  (re-exported: the loop and tests decode from here)
-from agentkd.kd_targets import KDRows, ShardPart, build_target_shards, fingerprint
-from agentkd.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of
-from agentkd.optimise import sft_step as _sft_step
-from agentkd.posterior import fit_prior, posterior_targets
-from agentkd.proxy import check_same_tokenizer, example_role, frozen_copy, proxy_target_logps, vocab_hash
-from agentkd.students import Student, save_checkpoint
-from agentkd.train_data import EncodedRow, TrainingExample, collate, collate_targets, encode_pair, format_prompt
+from agentkd.training.decode import generate_answers  # noqa: F401  (re-exported: the loop and tests decode from here)
+from agentkd.training.kd_targets import KDRows, ShardPart, build_target_shards, fingerprint
+from agentkd.training.optimise import LogMetric, StepLoss, forward, make_accelerator, optimise, pad_id_of
+from agentkd.training.optimise import sft_step as _sft_step
+from agentkd.training.posterior import fit_prior, posterior_targets
+from agentkd.training.proxy import check_same_tokenizer, example_role, frozen_copy, proxy_target_logps, vocab_hash
+from agentkd.training.students import Student, save_checkpoint
+from agentkd.training.train_data import EncodedRow, TrainingExample, collate, collate_targets, encode_pair, format_prompt
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _trained_proxy(proxy: Student | None, student: Student, objective: str) -> S
     if proxy.trained_examples <= 0:
         raise ConfigError(f"train.proxy_spec: the proxy has not been trained on teacher answers; {objective} with "
                           "an untrained proxy is label smoothing toward noise (train it first: the loop's proxy stage "
-                          "or agentkd.proxy.train_proxy)")
+                          "or agentkd.training.proxy.train_proxy)")
     return proxy
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from agentkd.objectives import IGNORE, SparseTargets
+from agentkd.training.objectives import IGNORE, SparseTargets
 
 Task = Literal["answer", "predict", "explain"]
 TASK_PREFIX: dict[str, str] = {"answer": "", "predict": "predict: ", "explain": "explain: "}

@@ -15,9 +15,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from agentkd.config import TrainSection
-from agentkd.proxy import build_proxy_model, load_proxy, save_proxy, train_proxy
-from agentkd.students import build_student, count_parameters
-from agentkd.train import train
+from agentkd.training.proxy import build_proxy_model, load_proxy, save_proxy, train_proxy
+from agentkd.training.students import build_student, count_parameters
+from agentkd.training.train import train
 
 from .measure import HeldOut, accuracy, token_kl
 from .plan import PROXY_SPEC, LabSizes, proxy_spec, student_spec, teacher_spec, world_split
@@ -58,7 +58,7 @@ def teacher_job(work: Path, sizes: LabSizes) -> dict[str, Any]:
 
 
 def proxy_job(work: Path, sizes: LabSizes, seed: int) -> dict[str, Any]:
-    """Warm-up + alignment rounds on the shared answers (agentkd.proxy), saved for this seed's KD students."""
+    """Warm-up + alignment rounds on the shared answers (agentkd.training.proxy), saved for this seed's KD students."""
     began = time.perf_counter()
     answers = load_examples(work / "taught" / "answers.jsonl")
     student = build_student(student_spec(), tokenizer=load_tokenizer(work), seed=seed)

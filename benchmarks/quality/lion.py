@@ -1,4 +1,4 @@
-"""Lion against random expansion at equal USD, on the rule-based sim teacher (agentkd.loop.run_loop).
+"""Lion against random expansion at equal USD, on the rule-based sim teacher (agentkd.lion.loop.run_loop).
 
 Both arms run the same small loop (same seeds, held-out set, student spec and per-iteration step
 budget; weights kept across iterations); only loop.selection differs. A curve is held-out accuracy
@@ -19,9 +19,9 @@ from typing import Any
 from rich.console import Console
 
 from agentkd.config import RunConfig, config_from_dict
-from agentkd.loop import run_loop
-from agentkd.pools import metric
-from agentkd.store import Store
+from agentkd.lion.loop import run_loop
+from agentkd.lion.pools import metric
+from agentkd.store.writer import Store
 
 from .plan import STUDENT_SPEC, LabSizes
 

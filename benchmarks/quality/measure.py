@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from agentkd.decode import generate_answers
-from agentkd.evaluate import is_correct
-from agentkd.optimise import forward
-from agentkd.students import Student
+from agentkd.training.decode import generate_answers
+from agentkd.lion.evaluate import is_correct
+from agentkd.training.optimise import forward
+from agentkd.training.students import Student
 from agentkd.teachers.sim.world import Problem
-from agentkd.train_data import collate, encode_response_ids, format_prompt
+from agentkd.training.train_data import collate, encode_response_ids, format_prompt
 
 from .teacher import Sample, request_seed, sample, teacher_prompt
 

@@ -11,10 +11,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentkd.students import StudentSpec, load_spec, train_bpe_tokenizer
+from agentkd.training.students import StudentSpec, load_spec, train_bpe_tokenizer
 from agentkd.teachers.sim import roles
 from agentkd.teachers.sim.world import Problem, sample_problems, worked_answer
-from agentkd.train_data import format_prompt
+from agentkd.training.train_data import format_prompt
 from .teacher import teacher_prompt
 
 ROOT = Path(__file__).resolve().parents[2]

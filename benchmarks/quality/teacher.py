@@ -21,12 +21,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from agentkd.config import TrainSection
-from agentkd.students import Student, StudentSpec, build_student
+from agentkd.training.students import Student, StudentSpec, build_student
 from agentkd.teachers.sim import Generation, roles
 from agentkd.teachers.sim.protocol import BadRequest, ModelRequest
 from agentkd.teachers.sim.world import Problem, worked_answer
-from agentkd.train import train
-from agentkd.train_data import TrainingExample, format_prompt, left_padded
+from agentkd.training.train import train
+from agentkd.training.train_data import TrainingExample, format_prompt, left_padded
 
 # The teacher's own prompts: an answer task (the student's format) and an explain task.
 EXPLAIN_PREFIX = "Label and reason: "

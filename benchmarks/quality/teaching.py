@@ -21,15 +21,15 @@ from rich.console import Console
 from agentkd.config import SimSection, config_from_dict
 from agentkd.datasets import read_jsonl, write_jsonl
 from agentkd.estimate import explainer_prompt_tokens
-from agentkd.evaluate import answer_number
+from agentkd.lion.evaluate import answer_number
 from agentkd.roles.template import builtin_prompts_dir
-from agentkd.store import Store
-from agentkd.students import Student
+from agentkd.store.writer import Store
+from agentkd.training.students import Student
 from agentkd.teach import teach
 from agentkd.teachers.sim import sim_in_thread
 from agentkd.teachers.sim.world import Problem
-from agentkd.train_data import TrainingExample
-from agentkd.training_run import examples_from_store
+from agentkd.training.train_data import TrainingExample
+from agentkd.training.run import examples_from_store
 
 from .teacher import LMResponder
 

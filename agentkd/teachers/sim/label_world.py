@@ -17,7 +17,7 @@ Multiple choice: 3-5 options, one right, of a kind
     largest / smallest   "Which number is the largest?"
     sum         "What is <a> plus <b>?"             (the rare kind)
 
-Items are rendered as agentkd renders fields (agentkd/items.py): "premise: ...\\nhypothesis: ..." and
+Items are rendered as agentkd renders fields (agentkd/roles/items.py): "premise: ...\\nhypothesis: ..." and
 "question: ...\\noptions:\\na) ...\\nb) ...". The sim's roles over them: the explainer answers a label and
 a one-sentence reason in varied phrasings and synonyms (so the explainer's parser earns its keep), wrong
 at sim.error_rate; the labeler the label line only; the generator a new item of the seed's structure as
@@ -84,7 +84,7 @@ class LabelItem:
 
 
 def render(fields: dict) -> str:
-    """The same text agentkd/items.py renders for these fields."""
+    """The same text agentkd/roles/items.py renders for these fields."""
     lines = []
     for name, value in fields.items():
         if isinstance(value, list):
