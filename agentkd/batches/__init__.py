@@ -1,5 +1,10 @@
 """Provider batch APIs under the gateway's cache, store and budget (runner.py), their durable record
-(records.py) and the OpenAI / Anthropic adapters (providers.py)."""
+(records.py) and the OpenAI / Anthropic adapters (providers.py). A batch request takes the gateway's
+cache, store and budget path; batches know nothing of roles.
+
+Must not import: agentkd.roles, agentkd.session, agentkd.workpool, agentkd.run_status, agentkd.lion,
+agentkd.training, agentkd.cli, agentkd.teach, agentkd.estimate, agentkd.inference, agentkd.watch.
+"""
 
 from __future__ import annotations
 

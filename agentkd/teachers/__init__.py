@@ -1,4 +1,12 @@
-"""Teacher adapters: build one per provider in use from the run config."""
+"""Teacher adapters: build one per provider in use from the run config. base.py says what a call is;
+wire.py (aiohttp) and sdk.py (the official SDKs) speak the providers' APIs; sim/ is the simulated
+teacher. An adapter sends one request and returns one reply: budget, retries and records are the
+gateway's.
+
+Must not import: agentkd.gateway, agentkd.store, agentkd.roles, agentkd.batches, agentkd.session,
+agentkd.workpool, agentkd.run_status, agentkd.lion, agentkd.training, agentkd.cli, agentkd.teach,
+agentkd.estimate, agentkd.inference, agentkd.watch.
+"""
 
 from __future__ import annotations
 
