@@ -4,7 +4,7 @@ One file per run (runs/<name>/agentkd.duckdb). All tables are append-only and al
 store opens, never while calls are in flight. Writes go through one asyncio writer task that drains a
 queue into batched appends; a row counts as stored (its future resolves) only after the batch that
 contains it has committed, so an acknowledged row survives kill -9 (DuckDB replays its WAL). The
-DuckDB connection itself is store_db.Database.
+DuckDB connection itself is db.Database (store/db.py).
 
 An instruction is stored once: a row of `instructions` whose id the file already holds (or that an
 earlier row of the same write holds) is not written, so an id has one pool, the one first decided.
@@ -52,7 +52,7 @@ def _count_ack() -> None:
 
 
 def _to_tuple(table: str, row: Mapping[str, Any]) -> tuple:
-    """A row in column order. created_at left empty is stamped when the row is committed (store_db)."""
+    """A row in column order. created_at left empty is stamped when the row is committed (store/db.py)."""
     if not row.keys() <= COLUMN_SETS[table]:
         raise KeyError(f"{table}: unknown column(s) {sorted(set(row) - COLUMN_SETS[table])}")
     return tuple(map(row.get, COLUMNS[table]))
