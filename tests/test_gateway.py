@@ -413,6 +413,47 @@ async def test_reservation_and_cost_use_the_request_models_own_price_and_cached_
     store.close_sync()
 
 
+async def test_a_cached_prompt_reserves_and_pays_the_cache_write_premium(tmp_path):
+    """prompt_cache on, cache writes at 1.25x input: the worst case counts every prompt token as written
+    (so a cap that only fits the plain worst case is not passed), and the settled cost prices the writes
+    the provider reports at the premium."""
+    caching = PriceSection(input_per_mtok=10_000.0, output_per_mtok=20_000.0, cached_input_per_mtok=1_000.0,
+                           cache_write_per_mtok=12_500.0)
+    req = TeacherRequest(role="answerer", provider="sim", model="m", messages=({"role": "user", "content": "2+2?"},),
+                         temperature=0.0, max_tokens=10, prompt_version="v1", prompt_cache=True)
+    estimate = _estimate_and_max(req)[0]
+    plain, cached = (estimate * 10_000 + 10 * 20_000) / 1e6, (estimate * 12_500 + 10 * 20_000) / 1e6
+
+    def gateway_with(folder, teacher, cap):
+        clock = FakeClock()
+        store = Store(folder / "run.duckdb")
+        budget = Budget(usd=cap, tokens=None, price_of=lambda model: caching)
+        return Gateway(teachers={"sim": teacher}, store=store, budget=budget,
+                       limits=LimitsSection(max_attempts=4), clock=clock, sleep=clock.sleep), store
+
+    (tmp_path / "tight").mkdir()
+    teacher = ScriptedTeacher()
+    gateway, store = gateway_with(tmp_path / "tight", teacher, (plain + cached) / 2)
+    await gateway.start()
+    with pytest.raises(BudgetExhausted):
+        await gateway.complete(req)
+    assert teacher.calls == [] and gateway.budget.settled_usd == 0.0
+    await gateway.aclose()
+    await store.close()
+
+    reply = TeacherReply(text="4", finish_reason="stop", input_tokens=20, output_tokens=10, cached_tokens=5,
+                         cache_write_tokens=12)
+    gateway, store = gateway_with(tmp_path, ScriptedTeacher([reply]), 100.0)
+    await gateway.start()
+    result = await gateway.complete(req)
+    assert result.cost_usd == pytest.approx((3 * 10_000 + 5 * 1_000 + 12 * 12_500 + 10 * 20_000) / 1e6)
+    await gateway.aclose()
+    assert store.query("SELECT reserved_usd, usd FROM reservations WHERE event = 'settle'") == [
+        (pytest.approx(cached), pytest.approx(result.cost_usd))]
+    assert gateway.budget.settled_usd == pytest.approx(result.cost_usd)
+    await store.close()
+
+
 async def test_a_call_whose_cover_cannot_be_written_is_not_sent_and_its_reservation_released(tmp_path):
     teacher = ScriptedTeacher()
     gateway, store, _ = await make_gateway(tmp_path, teacher, usd=100.0)

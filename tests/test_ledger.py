@@ -375,6 +375,7 @@ def test_batch_settles_are_settled_spend_and_not_part_of_a_cover(tmp_path):
     assert prior.unsettled_usd == pytest.approx(0.8) and prior.unsettled_tokens == 80
     assert prior.interrupted == 1 and prior.in_flight == 2
     assert prior.batch_requests == 1 and prior.batch_usd == pytest.approx(0.4)  # akd-b-1-000001
+    assert prior.batch_tokens == 40  # its worst case in tokens, not the count of pending requests
     store.close_sync()
 
 
@@ -640,3 +641,61 @@ async def test_a_level_exactly_at_the_exposure_covers_it(tmp_path, caps):
     else:
         assert cover.level[0] == b.reserved_usd
     await store.close()
+
+
+async def test_the_level_leaves_room_for_settled_and_held_batch_requests_in_both_caps(tmp_path):
+    """Caps $1 and 996 tokens. Batch request A (worst case $0.6, 600 tokens at the batch price) settles at
+    its worst case; B ($0.386, 386 tokens) is still held. One online call ($0.01, 8 tokens) then gets a
+    level of its exposure + target (USD 0.005, tokens 4) clamped to what the cap leaves online calls:
+    $1 - 0.6 - 0.386 = $0.014 and 996 - 600 - 386 = 10 tokens. Exactly that is what a crash now counts."""
+    from agentkd.gateway.budget import Usage
+    from agentkd.gateway.ledger import SpendCover
+
+    store = Store(tmp_path / "run.duckdb")
+    await store.start()
+    b = Budget(usd=1.0, tokens=996, price_of=lambda model: PRICE)
+    cover = SpendCover(store, b, session="s", max_concurrency=4)
+    a = b.hold("qa", "m", 0, 600, reservation_id="akd-s-1-000000")
+    held = b.hold("qb", "m", 0, 386, reservation_id="akd-s-1-000001")
+    assert a is not None and held is not None
+    assert b.settle_held(a, Usage(0, 600)) == (pytest.approx(0.6), 600)
+    r = each_call(b, 0)
+    await cover.cover(r.usd, r.tokens)
+    assert cover.level == (pytest.approx(0.014), 10)
+    assert store.query("SELECT usd, tokens FROM reservations WHERE event = 'cover'") == [(pytest.approx(0.014), 10)]
+    crashed = prior_spend(store)
+    assert crashed.interrupted == 1
+    assert (crashed.unsettled_usd, crashed.unsettled_tokens) == (pytest.approx(0.014), 10)
+    await store.close()
+
+
+def test_spend_text_counts_each_pending_batch_request_once_whether_adopted_or_not(tmp_path):
+    """Three requests pending from an earlier session ($0.1, $0.1, $0.2; $0.3 settled before): a resumed
+    session that holds one of them again (Budget.adopt) still shows $0.3 settled and all three held."""
+    from agentkd.gateway.budget import Reservation
+
+    store = Store(tmp_path / "run.duckdb")
+    store.append_now("batch_requests", [
+        {"batch_id": "akd-a-1", "custom_id": f"akd-a-1-00000{i}", "key": f"q{i}", "event": "queued",
+         "reserved_usd": usd, "reserved_tokens": 10} for i, usd in enumerate((0.1, 0.1, 0.2))])
+    store.append_now("reservations", [
+        {"reservation_id": "a-0", "key": "k0", "event": "settle", "usd": 0.3, "tokens": 30, "session": "a"},
+        {"reservation_id": "a-close", "event": "close", "usd": 0.3, "tokens": 30, "session": "a"}])
+    prior = prior_spend(store)
+    assert (prior.batch_usd, prior.batch_tokens, prior.batch_requests) == (pytest.approx(0.4), 30, 3)
+    budget = Budget(usd=2.0, tokens=None, price_of=lambda model: PRICE)
+    budget.restore(usd=prior.usd, tokens=prior.tokens)
+    assert spend_text(budget, prior) == "$0.3000 + $0.4000 held for 3 batch requests of $2"
+    budget.adopt(Reservation("akd-a-1-000000", "q0", "m", 0.1, 10))
+    assert spend_text(budget, prior) == "$0.3000 + $0.4000 held for 3 batch requests of $2"
+    assert spend_text(budget, prior, short=True) == "$0.3000 +$0.4000 batch/$2"
+    store.close_sync()
+
+
+def test_spend_text_names_one_held_batch_request_in_the_singular():
+    budget = Budget(usd=None, tokens=None, price_of=lambda model: PRICE)
+    held = budget.hold("q", "m", 0, 100, reservation_id="akd-s-1-000000")  # $0.1 at the batch price
+    assert held is not None
+    assert spend_text(budget, PriorSpend()) == "$0.0000 + $0.1000 held for 1 batch request"
+    budget.hold("q2", "m", 0, 100, reservation_id="akd-s-1-000001")
+    assert spend_text(budget, PriorSpend()) == "$0.0000 + $0.2000 held for 2 batch requests"
