@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -66,6 +68,16 @@ def owner(batch: dict) -> str | None:
     if batch["metadata"] is not None:
         assert batch["metadata"]["agentkd_batch_id"] == next(iter(ids))
     return next(iter(ids))
+
+
+@contextmanager
+def run_store(config: Path) -> Iterator[Store]:
+    """The run's database, read-only, closed afterwards (the run's next command may open it for writing)."""
+    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
+    try:
+        yield store
+    finally:
+        store.close_sync()
 
 
 def check_once(store: Store, sim_stats: dict, rows: int) -> None:
@@ -120,9 +132,8 @@ def test_kill9_after_submission_resumes_without_submitting_twice(tmp_path, provi
         assert proc.returncode == -signal.SIGKILL, err
         at_kill = sim.stats()
         assert all(b["results"] < b["requests"] for b in at_kill["batches"])  # killed before results came
-        store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-        pending = prior_spend(store)
-        store.close_sync()
+        with run_store(config) as store:
+            pending = prior_spend(store)
         assert pending.batch_requests > 0 and pending.batch_usd > 0  # counted against the cap meanwhile
         resumed = subprocess.run(teach_cmd(config, data, out), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                  capture_output=True, text=True, timeout=120)
@@ -130,11 +141,8 @@ def test_kill9_after_submission_resumes_without_submitting_twice(tmp_path, provi
         assert "resuming" in resumed.stderr
         stats = sim.stats()
     assert len(stats["batches"]) == 3  # 20 rows in chunks of 8: 3 batches, however the kill fell
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 20)
-    finally:
-        store.close_sync()
     assert len(out.read_text().splitlines()) == 20
 
 
@@ -160,14 +168,11 @@ def test_kill9_once_results_are_settled_counts_only_the_pending_batch(tmp_path, 
         assert proc.returncode == -signal.SIGKILL, err
         first, held = sim.stats()["batches"]
         assert first["results"] == 6 and held["requests"] == 3 and held["results"] == 0
-        store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-        try:
+        with run_store(config) as store:
             prior = prior_spend(store)
             settled = store.query("SELECT sum(cost_usd), count(*) FROM calls WHERE status = 'ok'")[0]
             held_worst = store.query("SELECT sum(reserved_usd) FROM batch_requests WHERE event = 'queued' "
                                      "AND custom_id IN (SELECT unnest(?::VARCHAR[]))", [held["custom_ids"]])[0][0]
-        finally:
-            store.close_sync()
         assert settled[1] == 3 and prior.settled_usd == pytest.approx(settled[0])
         assert prior.unsettled_usd == 0.0 and prior.unsettled_tokens == 0 and prior.interrupted == 0, prior
         assert prior.batch_requests == 3 and prior.batch_usd == pytest.approx(held_worst)
@@ -181,11 +186,8 @@ def test_kill9_once_results_are_settled_counts_only_the_pending_batch(tmp_path, 
         assert resumed.returncode == 0, resumed.stderr
         stats = sim.stats()
     assert [b["requests"] for b in stats["batches"]] == [6, 3, 3]
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 6)
-    finally:
-        store.close_sync()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -197,8 +199,7 @@ def test_expiry_with_partial_results_requeues_only_the_unfinished(tmp_path, prov
         stats = sim.stats()
     first, second = stats["batches"]
     assert first["status"] in ("expired", "ended") and first["results"] == 10
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         answered_first = {k for (k,) in store.query(
             "SELECT key FROM batch_requests WHERE event = 'done' AND batch_id = ?", [owner(first)])}
         requeued = {k for (k,) in store.query(
@@ -212,8 +213,6 @@ def test_expiry_with_partial_results_requeues_only_the_unfinished(tmp_path, prov
         # nothing billed for the expired requests: their holds were released
         released = store.query("SELECT count(*), sum(usd) FROM reservations WHERE event = 'release'")[0]
         assert released[0] == 6 and released[1] == 0
-    finally:
-        store.close_sync()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -227,11 +226,8 @@ def test_no_wait_exits_once_submitted_and_a_rerun_collects(tmp_path, provider):
         assert len(sim.stats()["batches"]) == 2 and not out.read_text()  # submitted, nothing collected
         run_teach(config, data, out)
         stats = sim.stats()
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 10)
-    finally:
-        store.close_sync()
     assert len(out.read_text().splitlines()) == 10
 
 
@@ -242,11 +238,8 @@ def test_a_failed_batch_is_asked_again(tmp_path, provider):
         run_teach(config, data, out)
         stats = sim.stats()
     assert len(stats["batches"]) == 2
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 6)
-    finally:
-        store.close_sync()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -256,13 +249,10 @@ def test_a_lost_create_response_finds_the_batch_instead_of_creating_another(tmp_
         run_teach(config, data, out)
         stats = sim.stats()
     assert len(stats["batches"]) == 1
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 6)
         submitted = store.query("SELECT provider_batch_id FROM batches WHERE event = 'submitted'")
         assert submitted == [(stats["batches"][0]["id"],)]
-    finally:
-        store.close_sync()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -286,8 +276,7 @@ def test_a_job_whose_worst_case_passes_the_cap_never_spends_past_it(tmp_path, pr
         with pytest.raises(BudgetExhausted):
             run_teach(config, data, out)
         stats = sim.stats()
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         prior = prior_spend(store)
         billed_usd = (stats["billed_input_tokens"] * 0.15 + stats["billed_output_tokens"] * 0.60) / 1e6 * 0.5
         assert prior.settled_usd == pytest.approx(billed_usd) and prior.batch_requests == 0
@@ -295,8 +284,6 @@ def test_a_job_whose_worst_case_passes_the_cap_never_spends_past_it(tmp_path, pr
         stored = store.query("SELECT count(*) FROM calls WHERE status = 'ok'")[0][0]
         assert 1 < stored < 30 and stored == stats["billed_requests"]
         assert len(stats["batches"]) == len({owner(b) for b in stats["batches"]}) > 1
-    finally:
-        store.close_sync()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -306,11 +293,8 @@ def test_a_chunk_over_the_byte_limit_is_split(tmp_path, provider):
                                       extra="max_bytes = 2000\n")
         run_teach(config, data, out)
         stats = sim.stats()
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 12)
-    finally:
-        store.close_sync()
     assert len(stats["batches"]) >= 3  # ~650 bytes a request: 3 in each 2,000-byte batch
     assert all(b["requests"] <= 4 for b in stats["batches"])
 
@@ -330,9 +314,8 @@ def test_a_batch_created_but_not_recorded_is_found_while_still_running(tmp_path,
                                 capture_output=True, text=True, timeout=60)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         (held,) = sim.stats()["batches"]
-        store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-        assert store.query("SELECT count(*) FROM batches WHERE event = 'submitted'")[0][0] == 0
-        store.close_sync()
+        with run_store(config) as store:
+            assert store.query("SELECT count(*) FROM batches WHERE event = 'submitted'")[0][0] == 0
 
         resumed = subprocess.Popen(teach_cmd(config, data, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
@@ -353,13 +336,10 @@ def test_a_batch_created_but_not_recorded_is_found_while_still_running(tmp_path,
         stats = sim.stats()
     first, second = stats["batches"]
     assert first["id"] == held["id"] and first["results"] == 6 and second["requests"] == 6
-    store = Store(config.parent / "runs" / "b" / "agentkd.duckdb", read_only=True)
-    try:
+    with run_store(config) as store:
         check_once(store, stats, 6)
         found = store.query("SELECT provider_batch_id, detail FROM batches WHERE event = 'submitted' "
                             "ORDER BY created_at")
         assert found[0] == (held["id"], "found at the provider after a restart")
         assert store.query("SELECT count(*) FROM batch_requests WHERE event = 'requeued'")[0][0] == 6
-    finally:
-        store.close_sync()
     assert len(out.read_text().splitlines()) == 6

@@ -73,11 +73,11 @@ class SimBatches:
         app.router.add_get("/v1/files/{id}/content", self._file_content)
         app.router.add_post("/v1/batches", self._openai_create)
         app.router.add_get("/v1/batches", self._openai_list)
-        app.router.add_get("/v1/batches/{id}", self._openai_retrieve)
+        app.router.add_get("/v1/batches/{id}", self._retrieve("openai", self._openai_object))
         app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
         app.router.add_post("/v1/messages/batches", self._anthropic_create)
         app.router.add_get("/v1/messages/batches", self._anthropic_list)
-        app.router.add_get("/v1/messages/batches/{id}", self._anthropic_retrieve)
+        app.router.add_get("/v1/messages/batches/{id}", self._retrieve("anthropic", self._anthropic_object))
         app.router.add_get("/v1/messages/batches/{id}/results", self._anthropic_results)
         app.router.add_post("/v1/messages/batches/{id}/cancel", self._cancel)
 
@@ -143,12 +143,6 @@ class SimBatches:
         return _json({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                       "last_id": data[-1]["id"] if data else None, "has_more": self._has_more("openai", page)})
 
-    async def _openai_retrieve(self, request: web.Request) -> web.Response:
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None or batch.api != "openai":
-            return _json(error_body("openai", 404, "No such batch."), 404)
-        return _json(self._openai_object(batch))
-
     def _openai_object(self, b: SimBatch) -> dict[str, Any]:
         done = sum(1 for r in b.results.values() if r.get("response", {}) and r["response"].get("status_code") == 200)
         failed = len(b.results) - done
@@ -171,6 +165,16 @@ class SimBatches:
             "metadata": b.metadata,
         }
 
+    def _retrieve(self, api: str, to_object):
+        """GET one batch of `api` (a batch of the other API is not found there, as at the providers)."""
+        async def handler(request: web.Request) -> web.Response:
+            batch = self.batches.get(request.match_info["id"])
+            if batch is None or batch.api != api:
+                return _json(error_body(api, 404, "No such batch."), 404)
+            return _json(to_object(batch))
+
+        return handler
+
     # --- Anthropic ---------------------------------------------------------------------------------
     async def _anthropic_create(self, request: web.Request) -> web.StreamResponse:
         if not self.teacher._authorised(request):
@@ -192,12 +196,6 @@ class SimBatches:
         data = [self._anthropic_object(b) for b in page]
         return _json({"data": data, "has_more": self._has_more("anthropic", page),
                       "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
-
-    async def _anthropic_retrieve(self, request: web.Request) -> web.Response:
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None or batch.api != "anthropic":
-            return _json(error_body("anthropic", 404, "No such batch."), 404)
-        return _json(self._anthropic_object(batch))
 
     def _anthropic_object(self, b: SimBatch) -> dict[str, Any]:
         ended = b.ended_at is not None
